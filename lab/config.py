@@ -1,0 +1,241 @@
+"""The typed experiment config: one frozen dataclass, its defaults, and the one place it is validated.
+
+A config is built from `configs/default.yaml`-style YAML files (only the keys that differ from the defaults)
+with command-line overrides applied on top. An unknown key, a wrong type or an out-of-range value raises
+`ConfigError` naming the key and what is allowed; nothing downstream re-validates.
+
+    from lab.config import load_config
+    cfg = load_config("configs/default.yaml", {"epochs": "2", "b": "efficientnet_b3"})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and what is allowed."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one A/B(/n) experiment needs. Field docs are the README's parameter table."""
+
+    # Arms: `arms` (a list) wins over the two-arm shorthand `a`/`b`.
+    a: str = "resnet18"
+    b: str = "mobilenetv3_small_100"
+    arms: tuple[str, ...] = ()
+    experiment: str = "ablab"
+
+    # Data.
+    data: str = "digits"
+    data_dir: str = "~/.cache/ablab"
+    test_fraction: float = field(default=0.3, metadata=_range(0.0, 1.0, lo_open=True))
+    fake_samples: int = field(default=512, metadata=_range(1))
+    fake_classes: int = field(default=10, metadata=_range(2))
+    num_workers: int = field(default=0, metadata=_range(0))
+
+    # Preprocessing: `shared` gives every arm image_size/mean/std; `native` each timm model its own.
+    preprocess: Literal["shared", "native"] = "shared"
+    image_size: int = field(default=32, metadata=_range(8, 1024))
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    # Models and the optional fine-tune stage (one seeded recipe for every arm).
+    pretrained: bool = False
+    allow_random_head: bool = False
+    epochs: int = field(default=4, metadata=_range(0, 1000))
+    batch_size: int = field(default=64, metadata=_range(1, 65536))
+    lr: float = field(default=2e-3, metadata=_range(0.0, 10.0, lo_open=True))
+    weight_decay: float = field(default=0.05, metadata=_range(0.0, 10.0))
+    augment: Literal["none", "crop_flip"] = "none"
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+
+    # Devices, placement and measurement. devices: auto, cpu, or GPU indices like 0,1.
+    devices: str = "auto"
+    placement: Literal["auto", "parallel", "lockstep", "sequential"] = "auto"
+    precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
+    channels_last: bool = False
+    compile: bool = False
+    warmup_batches: int = field(default=5, metadata=_range(0))
+    telemetry_sync: bool = False
+    lockstep_timeout_s: float = field(default=900.0, metadata=_range(1.0))
+
+    # Statistics.
+    alpha: float = field(default=0.05, metadata=_range(0.0, 0.5, lo_open=True))
+    rule: Literal["superiority", "non_inferiority", "equivalence"] = "superiority"
+    margin: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    mcnemar_method: Literal["exact", "midp", "chi2", "chi2_corrected"] = "exact"
+    n_resamples: int = field(default=10_000, metadata=_range(100, 10_000_000))
+
+    # Teams and history.
+    rerun: bool = False
+    promote_alias: str = ""
+
+    @property
+    def arm_specs(self) -> tuple[str, ...]:
+        """The model spec of every arm, baseline first."""
+        return self.arms if self.arms else (self.a, self.b)
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        """Short arm names: `a`, `b` for the two-arm shorthand, the spec's last path part otherwise."""
+        if not self.arms:
+            return ("a", "b")
+        names = [arm_name(spec) for spec in self.arms]
+        # Same model twice (e.g. two checkpoints of one architecture): keep names unique.
+        return tuple(n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in FIELDS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+FIELDS = dataclasses.fields(Config)
+FIELD_BY_NAME = {f.name: f for f in FIELDS}
+_HINTS = typing.get_type_hints(Config)
+
+
+def arm_name(spec: str) -> str:
+    """A readable, MLflow-metric-safe name for a model spec (`models:/clf@champion` -> `clf@champion`)."""
+    tail = spec.rstrip("/").split("/")[-1].split(":")[-1]
+    tail = tail.rsplit(".", 1)[0] if tail.endswith((".ckpt", ".pt", ".pth", ".safetensors")) else tail
+    return "".join(ch if ch.isalnum() or ch in "_-.@" else "_" for ch in tail) or "arm"
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a YAML value or a command-line string into the field's type, or raise ConfigError."""
+    hint = _HINTS[key]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        text = str(value)
+        if text not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return text
+    if hint is bool:
+        return _parse_bool(key, value)
+    if origin is tuple:
+        item_type = typing.get_args(hint)[0]
+        items = value if isinstance(value, (list, tuple)) else [p for p in str(value).split(",") if p.strip()]
+        try:
+            return tuple(item_type(str(v).strip()) if item_type is not str else str(v).strip() for v in items)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}") from None
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(str(value).strip()) if not isinstance(value, float) else int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise TypeError(f"unhandled config type {hint!r} for {key}")  # pragma: no cover - a bug in Config
+
+
+def _check_range(key: str, value: Any) -> None:
+    meta = FIELD_BY_NAME[key].metadata
+    if not meta:
+        return
+    lo, hi, lo_open = meta["lo"], meta["hi"], meta["lo_open"]
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    if too_low or (hi is not None and value > hi):
+        left = "(" if lo_open else "["
+        raise ConfigError(f"{key}: {value} is out of range; allowed {left}{lo}, {'inf' if hi is None else hi}]")
+
+
+def _check_whole(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    if len(cfg.arm_specs) < 2:
+        raise ConfigError(f"arms: need at least two models to compare, got {list(cfg.arm_specs)}")
+    if len(set(cfg.arm_specs)) != len(cfg.arm_specs) and not cfg.allow_random_head:
+        raise ConfigError(f"arms: the same model appears twice in {list(cfg.arm_specs)}; give distinct specs")
+    if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
+        raise ConfigError("mean/std: expected three numbers each (RGB), std > 0")
+    if cfg.rule == "equivalence" and cfg.margin == 0.0:
+        raise ConfigError("margin: the equivalence rule needs margin > 0 (a fraction, e.g. 0.005 = half a point)")
+    if cfg.devices not in ("auto", "cpu") and not all(p.strip().isdigit() for p in cfg.devices.split(",")):
+        raise ConfigError(f"devices: {cfg.devices!r} is not allowed; use auto, cpu or GPU indices like 0,1")
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Validate raw key/value pairs (from YAML or the command line) into a Config."""
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in FIELD_BY_NAME:
+            close = difflib.get_close_matches(key, FIELD_BY_NAME, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; allowed: {', '.join(FIELD_BY_NAME)}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        kwargs[key] = _coerce(key, value)
+        if isinstance(kwargs[key], (int, float)) and not isinstance(kwargs[key], bool):
+            _check_range(key, kwargs[key])
+    cfg = Config(**kwargs)
+    _check_whole(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {str(path)!r}; pass a YAML file such as configs/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """YAML first, then command-line overrides (empty strings mean "not given") on top."""
+    values = read_yaml(path) if path else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and v != ""})
+    return build_config(values)
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The config as MLflow params (strings, lists comma-joined)."""
+    out = {}
+    for key, value in cfg.to_dict().items():
+        out[key] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return out
+
+
