@@ -204,10 +204,26 @@ def _mlflow_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel:
                          "re-log it with mlflow.pytorch.log_model(..., export_model=True)")
     import mlflow.pytorch
 
-    module = mlflow.pytorch.load_model(str(local))
+    module = ExportedClassifier(mlflow.pytorch.load_model(str(local)))
     registry = _registry_identity(spec)
     identity = registry or f"sha256:{_file_sha256(local / 'data' / 'model.pt2')[:32]}"
     return ResolvedModel(module, spec, "mlflow", identity, False, None)
+
+
+class ExportedClassifier(nn.Module):
+    """A torch.export program as a module. Exported programs refuse `.eval()`/`.train()` (their mode was fixed
+    at export), so mode switches stop here instead of reaching into them."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> ExportedClassifier:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
 
 
 def _registry_identity(spec: str) -> str | None:

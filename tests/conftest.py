@@ -1,0 +1,53 @@
+"""Shared fixtures: a throwaway SQLite tracking store per test, and the tiny configs the tests run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Small, fast arms for CPU tests: fake data, no training, random weights explicitly allowed.
+FAST_ARGS = ["--data", "fake", "--fake_samples", "96", "--image_size", "32", "--epochs", "0",
+             "--allow_random_head", "true", "--a", "resnet10t", "--b", "mobilenetv3_small_100",
+             "--batch_size", "16", "--warmup_batches", "1", "--n_resamples", "1000"]
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLFLOW_TRACKING_URI pointing at a fresh SQLite store; the test runs inside tmp_path."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+def subprocess_env(uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def runs_by_status(uri: str) -> dict[str, int]:
+    """How many runs in every experiment of the store are in each status."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    counts: dict[str, int] = {}
+    for run in client.search_runs(exps) if exps else []:
+        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts

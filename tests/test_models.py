@@ -1,0 +1,137 @@
+"""lab/models.py: every spec source resolves to a module, and every bad spec is one clear ModelError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lab.config import build_config
+from lab.models import ArmModule, ModelError, preflight, resolve_model, save_safetensors
+
+CFG = build_config({"epochs": 1})
+X = torch.randn(2, 3, 32, 32)
+
+
+def _reference(arch: str = "resnet10t", classes: int = 10) -> torch.nn.Module:
+    torch.manual_seed(0)
+    import timm
+
+    return timm.create_model(arch, pretrained=False, num_classes=classes).eval()
+
+
+def _same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    with torch.inference_mode():
+        return torch.allclose(a.eval()(X), b.eval()(X), atol=1e-5)
+
+
+def test_timm_name_with_native_preprocessing() -> None:
+    r = resolve_model("resnet10t", CFG, num_classes=7)
+    assert r.source == "timm" and r.random_head and r.module.get_classifier().out_features == 7
+    from timm.data import resolve_data_config
+
+    expected = resolve_data_config(model=r.module)  # timm's own pretrained config, independently read
+    assert r.native is not None and r.native.input_size == expected["input_size"][-1]
+    assert (r.native.mean, r.native.interpolation, r.native.crop_pct) == (
+        tuple(expected["mean"]), expected["interpolation"], expected["crop_pct"])
+    assert r.identity == "timm:resnet10t:pretrained=False:classes=7"
+
+
+def test_unknown_timm_name_lists_close_matches() -> None:
+    with pytest.raises(ModelError, match=r"unknown model 'resnet5O'.*did you mean resnet50"):
+        resolve_model("resnet5O", CFG, 10)
+
+
+def test_pretrained_without_network_names_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"pretrained weights could not be downloaded.*pretrained=false"):
+        resolve_model("resnet10t", build_config({"pretrained": True}), 10)
+
+
+def test_random_weights_are_refused_without_training_unless_opted_in() -> None:
+    with pytest.raises(ModelError, match="allow_random_head=true"):
+        preflight("resnet10t", build_config({"epochs": 0}))
+    with pytest.raises(ModelError, match="freshly initialised"):
+        resolve_model("resnet10t", build_config({"epochs": 0}), 10)
+    assert resolve_model("resnet10t", build_config({"epochs": 0, "allow_random_head": True}), 10).random_head
+
+
+def test_safetensors_checkpoint_names_its_architecture(tmp_path: Path) -> None:
+    ref = _reference()
+    path = save_safetensors(ref, "resnet10t", tmp_path / "best.safetensors", 10)
+    r = resolve_model(str(path), build_config({"epochs": 0}), 10)
+    assert r.source == "checkpoint" and r.identity.startswith("sha256:") and not r.random_head
+    assert _same_outputs(ref, r.module)
+
+
+def test_state_dict_pt_with_architecture_prefix(tmp_path: Path) -> None:
+    ref = _reference()
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    r = resolve_model(f"resnet10t:{tmp_path / 'w.pt'}", build_config({"epochs": 0}), 10)
+    assert _same_outputs(ref, r.module)
+
+
+def test_lightning_checkpoint(tmp_path: Path) -> None:
+    ref = _reference()
+    module = ArmModule(ref, 10, arch="resnet10t")
+    trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    r = resolve_model(str(tmp_path / "run.ckpt"), build_config({"epochs": 0}), 10)
+    assert r.arch == "resnet10t" and _same_outputs(ref, r.module)
+
+
+def test_checkpoint_with_the_wrong_number_of_classes(tmp_path: Path) -> None:
+    save_safetensors(_reference(classes=5), "resnet10t", tmp_path / "five.safetensors", 5)
+    with pytest.raises(ModelError, match=r"has 5 output classes but the dataset has 10"):
+        resolve_model(str(tmp_path / "five.safetensors"), build_config({"epochs": 0}), 10)
+
+
+@pytest.mark.parametrize("name", ["broken.pt", "broken.safetensors", "broken.ckpt"])
+def test_corrupt_checkpoint(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04not really a checkpoint" * 10)
+    with pytest.raises(ModelError, match="could not be read"):
+        resolve_model(f"resnet10t:{path}", build_config({"epochs": 0}), 10)
+
+
+def test_pickled_payload_is_refused_not_executed(tmp_path: Path) -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"w": Boom()}))
+    with pytest.raises(ModelError):
+        resolve_model(f"resnet10t:{path}", build_config({"epochs": 0}), 10)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_checkpoint_path() -> None:
+    with pytest.raises(ModelError, match="checkpoint not found: '/no/such/model.ckpt'"):
+        preflight("/no/such/model.ckpt", CFG)
+
+
+def test_mlflow_model_from_the_registry(tracking: str) -> None:
+    import mlflow
+
+    ref = _reference()
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(ref, name="model", export_model=True, input_example=X.numpy(),
+                                 registered_model_name="digits_clf")
+        pickled = mlflow.pytorch.log_model(ref, name="pickled", serialization_format="pickle")
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("digits_clf", "champion", "1")
+    cfg = build_config({"epochs": 0})
+    for spec in ("models:/digits_clf/1", "models:/digits_clf@champion"):
+        r = resolve_model(spec, cfg, 10)
+        assert r.source == "mlflow" and r.identity == "models:/digits_clf/1"
+        assert _same_outputs(ref, r.module)
+    with pytest.raises(ModelError, match="pickle serialization"):
+        resolve_model(pickled.model_uri, cfg, 10)
+    with pytest.raises(ModelError, match="could not be fetched"):
+        resolve_model("models:/no_such_model/3", cfg, 10)
