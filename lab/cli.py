@@ -57,6 +57,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
 
 
+def config_path(arg: str) -> Path:
+    """A config path as given, else relative to the project (so `configs/...` works from any directory)."""
+    given = Path(arg).expanduser()
+    shipped = Path(__file__).resolve().parent.parent / arg
+    return given if given.is_file() or given.is_absolute() or not shipped.is_file() else shipped
+
+
 def fail(message: str, code: int) -> int:
     print(f"ablab: error: {message}", file=sys.stderr)
     return code
@@ -85,16 +92,16 @@ def start_parent_run(cfg: Config, run_name: str):
 
 
 def end_failed(run_id: str, message: str, status: str = "FAILED") -> None:
-    from mlflow import MlflowClient
+    """Record why, and end the active parent run (else MLflow's exit hook would mark it FINISHED)."""
+    import mlflow
 
-    client = MlflowClient()
-    client.set_tag(run_id, "ab.error", message[:5000])
-    client.set_terminated(run_id, status)
+    mlflow.MlflowClient().set_tag(run_id, "ab.error", message[:5000])
+    mlflow.end_run(status)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, _overrides(args))
+        cfg = load_config(config_path(args.config), _overrides(args))
     except ConfigError as err:
         return fail(str(err), EXIT_BAD_INPUT)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
@@ -135,13 +142,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             log_comparison(client, run_id, cfg, summary, Path(tmp) / "comparison")
     except KeyboardInterrupt:
         end_failed(run_id, "interrupted", "KILLED")
-        mlflow.end_run("KILLED")
         return fail("interrupted", 130)
     except Exception as err:  # noqa: BLE001 - the parent is never left RUNNING
         from lab.arm import one_line
 
         end_failed(run_id, one_line(err))
-        mlflow.end_run("FAILED")
         if os.environ.get("AB_DEBUG"):
             raise
         return fail(one_line(err), EXIT_FAILED)
