@@ -107,19 +107,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
     try:
         _preflight(cfg)
+        from lab import history, registry
+
+        registry.check_promotable(cfg)
+        reused = history.reusable_arms(cfg)  # arm index -> finished child run that evaluated it the same way
     except ValueError as err:  # ConfigError, DataError, ModelError: all one-line messages
         return fail(str(err), EXIT_BAD_INPUT)
 
     import mlflow
 
     from lab.compare import analyse, fetch_arms, log_comparison
-    from lab.launch import plan, run_arms
+    from lab.launch import plan
 
     p = plan(cfg, len(cfg.arm_specs))
     run = start_parent_run(cfg, " vs ".join(cfg.arm_specs))
     run_id, experiment_id = run.info.run_id, run.info.experiment_id
     try:
-        mlflow.log_params(flat_params(cfg))
+        # Prefixed: `mlflow run` has already logged the raw -P values ("" = from the YAML) under the plain names.
+        mlflow.log_params({f"config.{k}": v for k, v in flat_params(cfg).items()})
         mlflow.set_tags({"ab.role": "parent", "ab.placement": p.placement, "ab.device_kind": p.device,
                          "ab.arms": ",".join(cfg.arm_names)})
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
@@ -128,18 +133,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg_path.write_text(cfg.to_yaml())
             print(f"ablab: {len(cfg.arm_specs)} arms ({', '.join(cfg.arm_specs)}) on {p.device}, "
                   f"placement={p.placement}; parent run {run_id}", file=sys.stderr)
-            outcomes = run_arms(cfg, cfg_path, run_id, experiment_id, tracking_uri(), p)
+            todo = [i for i in range(len(cfg.arm_specs)) if i not in reused]
+            outcomes = history.evaluate(cfg, cfg_path, run_id, experiment_id, tracking_uri(), p, todo)
             failed = [o for o in outcomes if o.returncode != 0 or o.run_id is None]
             if failed:
                 message = "; ".join(o.error or f"arm {o.name} failed" for o in failed)
                 end_failed(run_id, message)
                 return fail(message, EXIT_FAILED)
             client = mlflow.MlflowClient()
-            arms = fetch_arms(client, [o.run_id for o in outcomes], list(cfg.arm_names))
+            run_ids = {o.index: o.run_id for o in outcomes} | {i: r.info.run_id for i, r in reused.items()}
+            arms = fetch_arms(client, [run_ids[i] for i in range(len(cfg.arm_specs))], list(cfg.arm_names))
+            history.mark_reused(client, run_id, arms, reused)
             from lab.data import resolve_dataset
 
             summary = analyse(cfg, arms, resolve_dataset(cfg).class_names)
             log_comparison(client, run_id, cfg, summary, Path(tmp) / "comparison")
+            if cfg.promote_alias:
+                registry.promote(client, run_id, cfg.promote_alias, summary, arms)
     except KeyboardInterrupt:
         end_failed(run_id, "interrupted", "KILLED")
         return fail("interrupted", 130)
