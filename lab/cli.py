@@ -49,8 +49,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
     for f in FIELDS:
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE",
-                            help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})")
+        parser.add_argument(
+            f"--{f.name}",
+            default=None,
+            metavar="VALUE",
+            help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})",
+        )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,14 +129,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         # Prefixed: `mlflow run` has already logged the raw -P values ("" = from the YAML) under the plain names.
         mlflow.log_params({f"config.{k}": v for k, v in flat_params(cfg).items()})
-        mlflow.set_tags({"ab.role": "parent", "ab.placement": p.placement, "ab.device_kind": p.device,
-                         "ab.arms": ",".join(cfg.arm_names)})
+        mlflow.set_tags(
+            {
+                "ab.role": "parent",
+                "ab.placement": p.placement,
+                "ab.device_kind": p.device,
+                "ab.arms": ",".join(cfg.arm_names),
+            }
+        )
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
         with tempfile.TemporaryDirectory(prefix="ablab-") as tmp:
             cfg_path = Path(tmp) / "config.yaml"
             cfg_path.write_text(cfg.to_yaml())
-            print(f"ablab: {len(cfg.arm_specs)} arms ({', '.join(cfg.arm_specs)}) on {p.device}, "
-                  f"placement={p.placement}; parent run {run_id}", file=sys.stderr)
+            print(
+                f"ablab: {len(cfg.arm_specs)} arms ({', '.join(cfg.arm_specs)}) on {p.device}, "
+                f"placement={p.placement}; parent run {run_id}",
+                file=sys.stderr,
+            )
             todo = [i for i in range(len(cfg.arm_specs)) if i not in reused]
             outcomes = history.evaluate(cfg, cfg_path, run_id, experiment_id, tracking_uri(), p, todo)
             failed = [o for o in outcomes if o.returncode != 0 or o.run_id is None]
@@ -153,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         end_failed(run_id, "interrupted", "KILLED")
         return fail("interrupted", 130)
-    except Exception as err:  # noqa: BLE001 - the parent is never left RUNNING
+    except Exception as err:
         from lab.arm import one_line
 
         end_failed(run_id, one_line(err))
@@ -162,15 +175,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return fail(one_line(err), EXIT_FAILED)
     mlflow.end_run("FINISHED")
     print(summary["sentence"])
-    print(f"ablab: verdict {summary['verdict']}; report: comparison/report.html in run {run_id} "
-          f"(mlflow ui --backend-store-uri {tracking_uri()}, then #/experiments/{experiment_id}/runs/{run_id})",
-          file=sys.stderr)
+    print(
+        f"ablab: verdict {summary['verdict']}; report: comparison/report.html in run {run_id} "
+        f"(mlflow ui --backend-store-uri {tracking_uri()}, then #/experiments/{experiment_id}/runs/{run_id})",
+        file=sys.stderr,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lab", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an A/B(/n) experiment: one child run per arm, a parent comparison")
     _add_config_options(run)

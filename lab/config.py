@@ -237,5 +237,3 @@ def flat_params(cfg: Config) -> dict[str, str]:
     for key, value in cfg.to_dict().items():
         out[key] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     return out
-
-

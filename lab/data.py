@@ -82,10 +82,12 @@ class Preprocess:
     def transform(self, train: bool, augment: str) -> v2.Compose:
         interp = v2.InterpolationMode(self.interpolation)
         if train and augment == "crop_flip":
-            resize = [v2.RandomResizedCrop(self.input_size, scale=(0.8, 1.0), interpolation=interp),
-                      v2.RandomHorizontalFlip()]
+            resize = [
+                v2.RandomResizedCrop(self.input_size, scale=(0.8, 1.0), interpolation=interp),
+                v2.RandomHorizontalFlip(),
+            ]
         else:
-            scaled = int(round(self.input_size / self.crop_pct))
+            scaled = round(self.input_size / self.crop_pct)
             resize = [v2.Resize(scaled, interpolation=interp, antialias=True), v2.CenterCrop(self.input_size)]
         return v2.Compose([*resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
 
@@ -105,13 +107,13 @@ def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
 
 
 def list_datasets() -> list[str]:
-    return sorted(_REGISTRY) + ["imagefolder:<path>"]
+    return [*sorted(_REGISTRY), "imagefolder:<path>"]
 
 
 def _seeded_split(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Train and test ids for a dataset without an official split: a permutation fixed by the seed."""
     perm = np.random.default_rng(cfg.seed).permutation(n)
-    n_test = max(1, int(round(n * cfg.test_fraction)))
+    n_test = max(1, round(n * cfg.test_fraction))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
@@ -152,7 +154,7 @@ def _torchvision_cifar(cls_name: str) -> DatasetLoader:
         cls = getattr(torchvision.datasets, cls_name)
         try:
             train, test = (cls(root=str(root), train=t, download=True) for t in (True, False))
-        except Exception as err:  # noqa: BLE001 - torchvision raises URLError, RuntimeError, OSError...
+        except Exception as err:
             raise DataError(
                 f"{cls_name.lower()}: could not download into {root} ({type(err).__name__}: {err}); "
                 f"put the extracted dataset there (data_dir=...) or use data=digits"
@@ -173,8 +175,12 @@ register_dataset("cifar100")(_torchvision_cifar("CIFAR100"))
 
 def _files_under(folder: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir()))
-    items = [(str(p), i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES]
+    items = [
+        (str(p), i)
+        for i, c in enumerate(classes)
+        for p in sorted((folder / c).rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     return classes, items
 
 
@@ -197,9 +203,11 @@ def _imagefolder(cfg: Config, arg: str) -> tuple[tuple[str, ...], Split, Split]:
         raise DataError(f"imagefolder: {root} needs at least two class folders with images ({len(classes)} found)")
 
     def split(items: list[tuple[str, int]]) -> Split:
-        return Split(sample_ids=np.arange(len(items), dtype=np.int64),
-                     labels=np.array([lab for _, lab in items], dtype=np.int64),
-                     paths=tuple(p for p, _ in items))
+        return Split(
+            sample_ids=np.arange(len(items), dtype=np.int64),
+            labels=np.array([lab for _, lab in items], dtype=np.int64),
+            paths=tuple(p for p, _ in items),
+        )
 
     return classes, split(train_items), split(test_items)
 
@@ -223,8 +231,15 @@ _CACHE: dict[tuple, DatasetInfo] = {}
 
 def resolve_dataset(cfg: Config) -> DatasetInfo:
     """Load (once per process) the dataset the config names; unknown names raise with close matches."""
-    key = (cfg.data, cfg.data_dir, cfg.seed, cfg.test_fraction, cfg.fake_samples, cfg.fake_classes,
-           cfg.image_size if cfg.data == "fake" else 0)
+    key = (
+        cfg.data,
+        cfg.data_dir,
+        cfg.seed,
+        cfg.test_fraction,
+        cfg.fake_samples,
+        cfg.fake_classes,
+        cfg.image_size if cfg.data == "fake" else 0,
+    )
     if key in _CACHE:
         return _CACHE[key]
     name, _, arg = cfg.data.partition(":")
@@ -238,8 +253,9 @@ def resolve_dataset(cfg: Config) -> DatasetInfo:
         raise DataError(f"unknown dataset {cfg.data!r}; {hint}")
     classes, train, test = loader(cfg, arg)
     root = str(Path(arg).expanduser()) if name == "imagefolder" else None
-    info = DatasetInfo(name=cfg.data, class_names=classes, train=train, test=test,
-                       fingerprint=fingerprint(test, classes, root))
+    info = DatasetInfo(
+        name=cfg.data, class_names=classes, train=train, test=test, fingerprint=fingerprint(test, classes, root)
+    )
     _CACHE[key] = info
     return info
 
@@ -291,17 +307,24 @@ class ABDataModule(L.LightningDataModule):
         self.info = resolve_dataset(self.cfg)
 
     def _loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         assert self.info is not None
         # Called again every epoch (Trainer(reload_dataloaders_every_n_epochs=1)): order and augmentation
         # depend only on (seed, epoch), identical for every arm.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        dataset = SplitDataset(self.info.train, self.preprocess.transform(True, self.cfg.augment),
-                               seed=self.cfg.seed, epoch=epoch)
+        dataset = SplitDataset(
+            self.info.train, self.preprocess.transform(True, self.cfg.augment), seed=self.cfg.seed, epoch=epoch
+        )
         return self._loader(dataset, shuffle=True, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
     def test_dataloader(self) -> DataLoader:

@@ -83,7 +83,8 @@ def preflight(spec: str, cfg: Config) -> None:
         if not cfg.pretrained and cfg.epochs == 0 and not cfg.allow_random_head:
             raise ModelError(
                 f"{spec}: pretrained=false and epochs=0 would score randomly initialised weights (chance level); "
-                "set pretrained=true, epochs>0, or allow_random_head=true for a latency-only run")
+                "set pretrained=true, epochs>0, or allow_random_head=true for a latency-only run"
+            )
     elif kind == "checkpoint":
         arch, path = _split_checkpoint_spec(spec)
         if arch:
@@ -99,9 +100,13 @@ def _native_preprocess(model: nn.Module) -> Preprocess | None:
     from timm.data import resolve_data_config
 
     data_cfg = resolve_data_config(model=model)
-    return Preprocess(input_size=int(data_cfg["input_size"][-1]), mean=tuple(data_cfg["mean"]),
-                      std=tuple(data_cfg["std"]), interpolation=data_cfg.get("interpolation", "bilinear"),
-                      crop_pct=float(data_cfg.get("crop_pct", 1.0)))
+    return Preprocess(
+        input_size=int(data_cfg["input_size"][-1]),
+        mean=tuple(data_cfg["mean"]),
+        std=tuple(data_cfg["std"]),
+        interpolation=data_cfg.get("interpolation", "bilinear"),
+        crop_pct=float(data_cfg.get("crop_pct", 1.0)),
+    )
 
 
 def _create_timm(arch: str, num_classes: int, pretrained: bool) -> nn.Module:
@@ -112,9 +117,10 @@ def _create_timm(arch: str, num_classes: int, pretrained: bool) -> nn.Module:
     except RuntimeError as err:
         if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
             check_timm_name(arch.split(".")[0])
-            raise ModelError(f"unknown pretrained tag in {arch!r}; see timm.list_pretrained('{arch.split('.')[0]}*')")
+            base = arch.split(".")[0]
+            raise ModelError(f"unknown pretrained tag in {arch!r}; see timm.list_pretrained('{base}*')") from None
         raise
-    except Exception as err:  # noqa: BLE001 - hub errors come as OSError, HTTPError, LocalEntryNotFoundError...
+    except Exception as err:
         if not pretrained:
             raise
         raise ModelError(
@@ -149,10 +155,12 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt zips, truncated files and pickles all surface differently
+    except Exception as err:
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise ModelError(f"checkpoint {str(path)!r} could not be read ({reason}); is it a complete "
-                         ".ckpt/.pt/.safetensors file? Re-export it, or use a timm name") from None
+        raise ModelError(
+            f"checkpoint {str(path)!r} could not be read ({reason}); is it a complete "
+            ".ckpt/.pt/.safetensors file? Re-export it, or use a timm name"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj:  # Lightning checkpoint
         hparams = obj.get("hyper_parameters") or {}
         state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
@@ -175,8 +183,10 @@ def _checkpoint_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel
     head = getattr(module, "pretrained_cfg", {}).get("classifier", "")
     head_key = f"{head}.weight" if isinstance(head, str) else ""
     if head_key in state and state[head_key].shape[0] != num_classes:
-        raise ModelError(f"checkpoint {str(path)!r} has {state[head_key].shape[0]} output classes but the dataset "
-                         f"has {num_classes}; use data that matches the checkpoint, or fine-tune a timm model")
+        raise ModelError(
+            f"checkpoint {str(path)!r} has {state[head_key].shape[0]} output classes but the dataset "
+            f"has {num_classes}; use data that matches the checkpoint, or fine-tune a timm model"
+        )
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -192,16 +202,20 @@ def _mlflow_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel:
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
-    except Exception as err:  # noqa: BLE001 - MlflowException, RestException, OSError
-        raise ModelError(f"MLflow model {spec!r} could not be fetched ({str(err).splitlines()[0][:160]}); "
-                         "check the URI and MLFLOW_TRACKING_URI") from None
+    except Exception as err:
+        raise ModelError(
+            f"MLflow model {spec!r} could not be fetched ({str(err).splitlines()[0][:160]}); "
+            "check the URI and MLFLOW_TRACKING_URI"
+        ) from None
     mlmodel = local / "MLmodel"
     flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}) if mlmodel.is_file() else {}
     if "pytorch" not in flavor:
         raise ModelError(f"{spec} is not an MLflow PyTorch model (flavors: {', '.join(flavor) or 'none'})")
     if not (local / "data" / "model.pt2").is_file():
-        raise ModelError(f"{spec} was logged with pickle serialization, which runs arbitrary code on load; "
-                         "re-log it with mlflow.pytorch.log_model(..., export_model=True)")
+        raise ModelError(
+            f"{spec} was logged with pickle serialization, which runs arbitrary code on load; "
+            "re-log it with mlflow.pytorch.log_model(..., export_model=True)"
+        )
     import mlflow.pytorch
 
     module = ExportedClassifier(mlflow.pytorch.load_model(str(local)))
@@ -249,8 +263,10 @@ def resolve_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel:
     else:
         resolved = _timm_model(spec, cfg, num_classes)
     if resolved.random_head and cfg.epochs == 0 and not cfg.allow_random_head:
-        raise ModelError(f"{spec}: its classifier head is freshly initialised and epochs=0 would score it at chance; "
-                         "set epochs>0 to fine-tune, or allow_random_head=true for a latency-only run")
+        raise ModelError(
+            f"{spec}: its classifier head is freshly initialised and epochs=0 would score it at chance; "
+            "set epochs>0 to fine-tune, or allow_random_head=true for a latency-only run"
+        )
     return resolved
 
 
@@ -269,8 +285,16 @@ def save_safetensors(module: nn.Module, arch: str, path: Path, num_classes: int)
 class ArmModule(L.LightningModule):
     """Fine-tune (optional) and test one classifier; `test_step` keeps per-sample outputs on the device."""
 
-    def __init__(self, model: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.05,
-                 epochs: int = 0, channels_last: bool = False, arch: str = ""):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        epochs: int = 0,
+        channels_last: bool = False,
+        arch: str = "",
+    ):
         super().__init__()
         self.save_hyperparameters({"arch": arch, "num_classes": num_classes, "lr": lr, "epochs": epochs})
         self.model = model
@@ -300,7 +324,10 @@ class ArmModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_test_epoch_start(self) -> None:
+        # A test retried after running out of memory starts from nothing, not from the failed try's counts.
         self._outputs = []
+        for metric in (self.test_acc, self.test_acc_per_class, self.test_confusion):
+            metric.reset()
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, ids = batch
@@ -308,16 +335,19 @@ class ArmModule(L.LightningModule):
         if logits.shape[-1] != self.num_classes:
             raise ModelError(f"the model outputs {logits.shape[-1]} classes but the dataset has {self.num_classes}")
         probs = logits.float().softmax(dim=-1)
-        self.test_acc.update(probs, y)
-        self.test_acc_per_class.update(probs, y)
-        self.test_confusion.update(probs, y)
-        # Stays on the device: one transfer at the end instead of a sync every batch.
+        # Outputs stay on the device and the metrics are updated once, at the end: a batch costs its forward
+        # pass and a softmax, and nothing in it waits for the device (torchmetrics' argument checks would).
         if self.num_classes <= MAX_CLASSES_STORED:
             self._outputs.append((ids, y, probs))
         else:
             self._outputs.append((ids, y, *probs.topk(TOPK_STORED, dim=-1)))
 
     def on_test_epoch_end(self) -> None:
+        if self._outputs:
+            labels = torch.cat([out[1] for out in self._outputs])
+            preds = torch.cat([out[2].argmax(dim=-1) if len(out) == 3 else out[3][:, 0] for out in self._outputs])
+            for metric in (self.test_acc, self.test_acc_per_class, self.test_confusion):
+                metric.update(preds, labels)
         self.log("test_accuracy", self.test_acc.compute())
         self.predictions = predictions_frame(self._outputs, self.num_classes)
         self._outputs = []

@@ -17,8 +17,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 Figure = Any
 
@@ -59,8 +59,15 @@ def plot_confusion(summary: dict[str, Any]) -> Figure:
             ax.set_yticks(range(len(m)))
             for (i, j), v in np.ndenumerate(m):
                 if v:
-                    ax.text(j, i, int(v), ha="center", va="center", fontsize=6,
-                            color="white" if rows[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(v),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
     fig.tight_layout()
     return fig
 
@@ -157,27 +164,70 @@ def _png(fig: Figure) -> bytes:
 
 
 def _arm_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    conf = int(round(100 * (1 - summary["alpha"])))
-    head = ["arm", "model", "accuracy", f"{conf}% Wilson CI", "ECE", "conf. std", "p50 ms", "p99 ms",
-            "img/s", "peak mem MB", "device", "preprocess"]
+    conf = round(100 * (1 - summary["alpha"]))
+    head = [
+        "arm",
+        "model",
+        "accuracy",
+        f"{conf}% Wilson CI",
+        "ECE",
+        "conf. std",
+        "p50 ms",
+        "p99 ms",
+        "img/s",
+        "peak mem MB",
+        "device",
+        "preprocess",
+    ]
     rows = []
     for a in summary["arms"]:
         t = a["telemetry"]
         mem = t.get("gpu_mem_peak_mb", t.get("cpu_rss_peak_mb"))
-        rows.append([a["name"], a["spec"], _pct(a["accuracy"]), f"{_pct(a['acc_low'])} to {_pct(a['acc_high'])}",
-                     _num(a["ece"], "{:.3f}"), _num(a["confidence_std"], "{:.3f}"),
-                     _num(t.get("latency_ms_p50")), _num(t.get("latency_ms_p99")),
-                     _num(t.get("throughput_img_per_s"), "{:.0f}"), _num(mem, "{:.0f}"), a["device"],
-                     a["preprocess"]])
+        rows.append(
+            [
+                a["name"],
+                a["spec"],
+                _pct(a["accuracy"]),
+                f"{_pct(a['acc_low'])} to {_pct(a['acc_high'])}",
+                _num(a["ece"], "{:.3f}"),
+                _num(a["confidence_std"], "{:.3f}"),
+                _num(t.get("latency_ms_p50")),
+                _num(t.get("latency_ms_p99")),
+                _num(t.get("throughput_img_per_s"), "{:.0f}"),
+                _num(mem, "{:.0f}"),
+                a["device"],
+                a["preprocess"],
+            ]
+        )
     return head, rows
 
 
 def _pair_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["comparison", "diff (points)", "95% bootstrap CI", "only A right (b)", "only B right (c)",
-            f"McNemar {summary['mcnemar_method']} p", "Holm p", "MDE (points)", "verdict"]
-    rows = [[f"{p['b']} vs {p['a']}", _pts(p["acc_diff"]), f"{_pts(p['ci_low'])} to {_pts(p['ci_high'])}",
-             str(p["mcnemar_b"]), str(p["mcnemar_c"]), _p(p["mcnemar_pvalue"]), _p(p["pvalue_holm"]),
-             _num(100 * p["mde"] if p["mde"] == p["mde"] else None), p["verdict"]] for p in summary["pairs"]]
+    head = [
+        "comparison",
+        "diff (points)",
+        "95% bootstrap CI",
+        "only A right (b)",
+        "only B right (c)",
+        f"McNemar {summary['mcnemar_method']} p",
+        "Holm p",
+        "MDE (points)",
+        "verdict",
+    ]
+    rows = [
+        [
+            f"{p['b']} vs {p['a']}",
+            _pts(p["acc_diff"]),
+            f"{_pts(p['ci_low'])} to {_pts(p['ci_high'])}",
+            str(p["mcnemar_b"]),
+            str(p["mcnemar_c"]),
+            _p(p["mcnemar_pvalue"]),
+            _p(p["pvalue_holm"]),
+            _num(100 * p["mde"] if p["mde"] == p["mde"] else None),
+            p["verdict"],
+        ]
+        for p in summary["pairs"]
+    ]
     return head, rows
 
 
@@ -193,8 +243,10 @@ def _notes(summary: dict[str, Any]) -> list[str]:
         notes.append(f"Arm {a['name']} reused the predictions of run {a['reused_from']}.")
     batch = {a["batch_size"] for a in summary["arms"]}
     if len(batch) > 1:
-        notes.append(f"The arms ended with different batch sizes ({', '.join(sorted(batch))}) after out-of-memory "
-                     "retries: latencies are per batch of different sizes.")
+        notes.append(
+            f"The arms ended with different batch sizes ({', '.join(sorted(batch))}) after out-of-memory "
+            "retries: latencies are per batch of different sizes."
+        )
     lat = summary["latency"]
     notes.append(f"Placement: {lat['placement'] or 'n/a'}. Latency: {lat['note']}.")
     return notes
@@ -212,38 +264,59 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _power_lines(summary: dict[str, Any]) -> list[str]:
+    """What this test set could have detected: the minimum detectable effect of each comparison."""
+    lines = []
+    for p in summary["pairs"]:
+        if p["mde"] == p["mde"]:  # not nan
+            lines.append(
+                f"{p['b']} vs {p['a']}: with {summary['n']:,} test images and {100 * p['p_discordant']:.1f}% "
+                f"discordant pairs, a true difference of {100 * p['mde']:.2f} points would be detected with 80% "
+                f"power at alpha = {summary['alpha']} (McNemar exact); smaller differences may go unseen."
+            )
+    return lines
+
+
 def _latency_line(summary: dict[str, Any]) -> str | None:
     paired = summary["latency"].get("paired")
     if not paired:
         return None
     a, b = summary["arms"][0]["name"], summary["arms"][1]["name"]
-    return (f"Paired batch latency {b} - {a}: {paired['estimate_ms']:+.2f} ms "
-            f"({100 * paired['confidence']:g}% CI {paired['low_ms']:+.2f} to {paired['high_ms']:+.2f}) "
-            f"over {paired['n_batches']} batches measured by both arms.")
+    return (
+        f"Paired batch latency {b} - {a}: {paired['estimate_ms']:+.2f} ms "
+        f"({100 * paired['confidence']:g}% CI {paired['low_ms']:+.2f} to {paired['high_ms']:+.2f}) "
+        f"over {paired['n_batches']} batches measured by both arms."
+    )
 
 
-STYLE = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1b1f24;max-width:1200px}
+STYLE = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1b1f24;max-width:1200px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 .verdict{font-size:18px;padding:12px 16px;background:#eef6ee;border-left:5px solid #2e7d32;margin:12px 0}
-.verdict.none{background:#f4f4f4;border-color:#888}.note{background:#fff8e1;border-left:4px solid #f9a825;padding:6px 10px;margin:4px 0}
+.verdict.none{background:#f4f4f4;border-color:#888}
+.note{background:#fff8e1;border-left:4px solid #f9a825;padding:6px 10px;margin:4px 0}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 th{background:#f6f8fa}img{max-width:100%;margin:6px 0}code{background:#f6f8fa;padding:1px 4px}"""
 
 
-def render(summary: dict[str, Any], out_dir: Path,
-           gallery: Callable[[list[int]], list[np.ndarray]] | None = None) -> dict[str, Path]:
+def render(
+    summary: dict[str, Any], out_dir: Path, gallery: Callable[[list[int]], list[np.ndarray]] | None = None
+) -> dict[str, Path]:
     """Write report.md, report.html and the PNGs into out_dir; return the paths by name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Figure | None] = {
-        "confusion_matrices": plot_confusion(summary), "per_class_accuracy": plot_per_class(summary),
-        "latency": plot_latency(summary), "calibration": plot_calibration(summary),
+        "confusion_matrices": plot_confusion(summary),
+        "per_class_accuracy": plot_per_class(summary),
+        "latency": plot_latency(summary),
+        "calibration": plot_calibration(summary),
     }
-    for i, pair in enumerate(summary["pairs"]):
+    for pair in summary["pairs"]:
         suffix = "" if len(summary["pairs"]) == 1 else f"_{pair['key']}"
         figures[f"flips{suffix}"] = plot_flips(pair)
         if gallery is not None:
-            figures[f"flip_gallery{suffix}"] = plot_gallery(pair, gallery(pair["flips_only_a"]),
-                                                            gallery(pair["flips_only_b"]))
+            figures[f"flip_gallery{suffix}"] = plot_gallery(
+                pair, gallery(pair["flips_only_a"]), gallery(pair["flips_only_b"])
+            )
     pngs = {name: _png(fig) for name, fig in figures.items() if fig is not None}
     paths = {}
     for name, data in pngs.items():
@@ -254,18 +327,29 @@ def render(summary: dict[str, Any], out_dir: Path,
     pair_head, pair_rows = _pair_table(summary)
     notes = _notes(summary)
     latency_line = _latency_line(summary)
+    power = _power_lines(summary)
     title = "ablab comparison: " + " vs ".join(a["name"] + f" ({a['spec']})" for a in summary["arms"])
-    facts = (f"Dataset `{summary['dataset']}` ({summary['n']:,} test images, {summary['num_classes']} classes, "
-             f"fingerprint `{summary['fingerprint']}`). Rule: {summary['rule']}"
-             + (f" at margin {100 * summary['margin']:g} points" if summary["margin"] else "")
-             + f", alpha = {summary['alpha']}.")
+    facts = (
+        f"Dataset `{summary['dataset']}` ({summary['n']:,} test images, {summary['num_classes']} classes, "
+        f"fingerprint `{summary['fingerprint']}`). Rule: {summary['rule']}"
+        + (f" at margin {100 * summary['margin']:g} points" if summary["margin"] else "")
+        + f", alpha = {summary['alpha']}."
+    )
     cochran = summary.get("cochran")
 
     md = [f"# {title}", "", f"**{summary['sentence']}**", "", facts, ""]
-    md += [f"> {n}" for n in notes] + ["", "## Arms", _md_table(arm_head, arm_rows), "",
-                                       "## Comparisons", _md_table(pair_head, pair_rows), ""]
+    md += [f"> {n}" for n in notes] + [
+        "",
+        "## Arms",
+        _md_table(arm_head, arm_rows),
+        "",
+        "## Comparisons",
+        _md_table(pair_head, pair_rows),
+        "",
+    ]
     if cochran:
         md += [f"Cochran's Q = {cochran['statistic']:.2f} (df {cochran['df']}), p = {_p(cochran['pvalue'])}.", ""]
+    md += [*power, ""] if power else []
     if latency_line:
         md += [latency_line, ""]
     md += [f"![{name}]({name}.png)" for name in pngs]
@@ -278,20 +362,39 @@ def render(summary: dict[str, Any], out_dir: Path,
         return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(pngs[name]).decode()}">'
 
     neutral = " none" if summary["verdict"].startswith(("no_", "non_inferiority_not", "equivalence_not")) else ""
-    body = [f"<h1>{html.escape(title)}</h1>", f'<div class="verdict{neutral}">{html.escape(summary["sentence"])}</div>',
-            f"<p>{html.escape(facts).replace('`', '')}</p>"]
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<div class="verdict{neutral}">{html.escape(summary["sentence"])}</div>',
+        f"<p>{html.escape(facts).replace('`', '')}</p>",
+    ]
     body += [f'<div class="note">{html.escape(n)}</div>' for n in notes]
-    body += ["<h2>Arms</h2>", _html_table(arm_head, arm_rows), "<h2>Comparisons</h2>",
-             _html_table(pair_head, pair_rows)]
+    body += [
+        "<h2>Arms</h2>",
+        _html_table(arm_head, arm_rows),
+        "<h2>Comparisons</h2>",
+        _html_table(pair_head, pair_rows),
+    ]
     if cochran:
-        body.append(f"<p>Cochran's Q = {cochran['statistic']:.2f} (df {cochran['df']}), p = {_p(cochran['pvalue'])}."
-                    " Pairwise p-values are Holm-corrected.</p>")
+        body.append(
+            f"<p>Cochran's Q = {cochran['statistic']:.2f} (df {cochran['df']}), p = {_p(cochran['pvalue'])}."
+            " Pairwise p-values are Holm-corrected.</p>"
+        )
+    body += [f"<p>{html.escape(line)}</p>" for line in power]
     body += ["<h2>Flips</h2>"] + [img(n) for n in pngs if n.startswith(("flips", "flip_gallery"))]
-    body += ["<h2>Per-class accuracy</h2>", img("per_class_accuracy"), "<h2>Confusion matrices</h2>",
-             img("confusion_matrices"), "<h2>Calibration</h2>", img("calibration"), "<h2>Latency</h2>"]
+    body += [
+        "<h2>Per-class accuracy</h2>",
+        img("per_class_accuracy"),
+        "<h2>Confusion matrices</h2>",
+        img("confusion_matrices"),
+        "<h2>Calibration</h2>",
+        img("calibration"),
+        "<h2>Latency</h2>",
+    ]
     body += [f"<p>{html.escape(latency_line)}</p>" if latency_line else "", img("latency")]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
     paths["report.html"] = out_dir / "report.html"
     paths["report.html"].write_text(page)
     return paths

@@ -13,9 +13,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Small, fast arms for CPU tests: fake data, no training, random weights explicitly allowed.
-FAST_ARGS = ["--data", "fake", "--fake_samples", "96", "--image_size", "32", "--epochs", "0",
-             "--allow_random_head", "true", "--a", "resnet10t", "--b", "mobilenetv3_small_100",
-             "--batch_size", "16", "--warmup_batches", "1", "--n_resamples", "1000"]
+FAST_ARGS = [
+    "--data",
+    "fake",
+    "--fake_samples",
+    "96",
+    "--image_size",
+    "32",
+    "--epochs",
+    "0",
+    "--allow_random_head",
+    "true",
+    "--a",
+    "resnet10t",
+    "--b",
+    "mobilenetv3_small_100",
+    "--batch_size",
+    "16",
+    "--warmup_batches",
+    "1",
+    "--n_resamples",
+    "1000",
+]
 
 
 @pytest.fixture

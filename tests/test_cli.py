@@ -31,8 +31,7 @@ def _error_lines(text: str) -> list[str]:
         (["--allow_random_head", "false"], "would score randomly initialised weights"),
     ],
 )
-def test_bad_input_before_any_run(tracking: str, capsys: pytest.CaptureFixture, args: list[str],
-                                  message: str) -> None:
+def test_bad_input_before_any_run(tracking: str, capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
     code = main(["run", *FAST_ARGS, *args])
     err = capsys.readouterr().err
     assert code == 2
@@ -49,12 +48,20 @@ def test_bad_checkpoints_fail_their_arms_and_the_parent(tracking: str, tmp_path:
 
     from lab.models import save_safetensors
 
-    five = save_safetensors(timm.create_model("resnet10t", num_classes=5), "resnet10t", tmp_path / "five.safetensors", 5)
+    five = save_safetensors(
+        timm.create_model("resnet10t", num_classes=5), "resnet10t", tmp_path / "five.safetensors", 5
+    )
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 truncated zip")
     arms = f"resnet10t,{five},resnet10t:{corrupt}"
-    proc = subprocess.run([sys.executable, "-m", "lab", "run", *FAST_ARGS, "--arms", arms, "--placement", "lockstep"],
-                          env=subprocess_env(tracking), capture_output=True, text=True, timeout=400, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lab", "run", *FAST_ARGS, "--arms", arms, "--placement", "lockstep"],
+        env=subprocess_env(tracking),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1
     last = _error_lines(proc.stderr)[-1]
     assert "has 5 output classes but the dataset has 10" in last and "could not be read" in last
@@ -64,7 +71,8 @@ def test_bad_checkpoints_fail_their_arms_and_the_parent(tracking: str, tmp_path:
     assert status == {"parent:": "FAILED", "child:0": "FINISHED", "child:1": "FAILED", "child:2": "FAILED"}
     good = next(r for r in runs if r.data.tags.get("ab.arm_index") == "0")
     assert [a.path for a in client.list_artifacts(good.info.run_id, "predictions")] == [
-        "predictions/predictions.parquet"]
+        "predictions/predictions.parquet"
+    ]
     parent = next(r for r in runs if r.data.tags.get("ab.role") == "parent")
     assert "output classes" in parent.data.tags["ab.error"]
     bad = next(r for r in runs if r.data.tags.get("ab.arm_index") == "2")
@@ -75,14 +83,17 @@ def test_mismatched_fingerprints_are_refused() -> None:
     from lab.compare import Arm, ComparisonError, analyse
     from lab.config import build_config
 
-    frame = pd.DataFrame({"sample_id": np.arange(4), "label": [0, 1, 0, 1], "pred": [0, 1, 1, 1],
-                          "confidence": [0.9] * 4})
+    frame = pd.DataFrame(
+        {"sample_id": np.arange(4), "label": [0, 1, 0, 1], "pred": [0, 1, 1, 1], "confidence": [0.9] * 4}
+    )
     tags = {"ab.dataset_fingerprint": "sha256:aaa", "ab.num_classes": "2", "ab.label_map": "x"}
     a = Arm("a", "run-a", "resnet18", dict(tags), {}, frame.copy())
     b = Arm("b", "run-b", "resnet34", tags | {"ab.dataset_fingerprint": "sha256:bbb"}, {}, frame.copy())
     with pytest.raises(ComparisonError) as info:
         analyse(build_config({}), [a, b])
-    assert str(info.value).startswith("dataset fingerprint differs: a has sha256:aaa, b has sha256:bbb")
+    message = str(info.value)
+    assert message.startswith("dataset fingerprint differs:") and "\n" not in message
+    assert "a (run run-a) has sha256:aaa" in message and "b (run run-b) has sha256:bbb" in message
 
 
 def test_help_lists_every_config_key() -> None:

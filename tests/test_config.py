@@ -61,8 +61,15 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
 
 
 def test_types_are_coerced_from_strings() -> None:
-    cfg = build_config({"arms": "resnet18, resnet34 ,resnet50", "pretrained": "True", "lr": "1e-4",
-                        "mean": "0.5,0.5,0.5", "devices": "0,1"})
+    cfg = build_config(
+        {
+            "arms": "resnet18, resnet34 ,resnet50",
+            "pretrained": "True",
+            "lr": "1e-4",
+            "mean": "0.5,0.5,0.5",
+            "devices": "0,1",
+        }
+    )
     assert cfg.arm_specs == ("resnet18", "resnet34", "resnet50")
     assert cfg.arm_names == ("resnet18", "resnet34", "resnet50")
     assert cfg.pretrained is True and cfg.lr == pytest.approx(1e-4) and cfg.mean == (0.5, 0.5, 0.5)

@@ -81,7 +81,7 @@ def test_imagefolder_split_ids_and_fingerprint_follow_the_files(tmp_path: Path) 
     assert info.class_names == ("cat", "dog") and len(info.test) + len(info.train) == 11
     dm = ABDataModule(cfg, Preprocess(16, cfg.mean, cfg.std))
     dm.setup()
-    x, y, ids = next(iter(dm.test_dataloader()))
+    x, _, ids = next(iter(dm.test_dataloader()))
     assert x.shape[1:] == (3, 16, 16) and len(ids) == len(info.test)
     # Changing one test file's content (size) changes the fingerprint.
     victim = Path(info.test.paths[0])

@@ -44,9 +44,9 @@ def test_mlflow_run_end_to_end(tracking: str, tmp_path: Path) -> None:
 
     frames = {}
     for arm, run in children.items():
-        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                   artifact_path="predictions/predictions.parquet",
-                                                   dst_path=str(tmp_path / arm))
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="predictions/predictions.parquet", dst_path=str(tmp_path / arm)
+        )
         frames[arm] = pd.read_parquet(path)
         assert {"sample_id", "label", "pred", "confidence", "prob_0", "prob_9"} <= set(frames[arm].columns)
         assert frames[arm]["sample_id"].dtype == np.int64
@@ -76,8 +76,11 @@ def test_mlflow_run_end_to_end(tracking: str, tmp_path: Path) -> None:
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
     assert {"comparison/report.md", "comparison/report.html", "comparison/summary.json"} <= artifacts
     assert "config.yaml" in {f.path for f in client.list_artifacts(parent.info.run_id)}
-    report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="comparison",
-                                                      dst_path=str(tmp_path / "report")))
+    report = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, artifact_path="comparison", dst_path=str(tmp_path / "report")
+        )
+    )
     html = (report / "report.html").read_text()
     assert tags["ab.verdict_sentence"] in html and html.count("data:image/png;base64,") >= 4
     summary = json.loads((report / "summary.json").read_text())

@@ -35,7 +35,10 @@ def test_timm_name_with_native_preprocessing() -> None:
     expected = resolve_data_config(model=r.module)  # timm's own pretrained config, independently read
     assert r.native is not None and r.native.input_size == expected["input_size"][-1]
     assert (r.native.mean, r.native.interpolation, r.native.crop_pct) == (
-        tuple(expected["mean"]), expected["interpolation"], expected["crop_pct"])
+        tuple(expected["mean"]),
+        expected["interpolation"],
+        expected["crop_pct"],
+    )
     assert r.identity == "timm:resnet10t:pretrained=False:classes=7"
 
 
@@ -112,7 +115,7 @@ def test_pickled_payload_is_refused_not_executed(tmp_path: Path) -> None:
 
 
 def test_missing_checkpoint_path() -> None:
-    with pytest.raises(ModelError, match="checkpoint not found: '/no/such/model.ckpt'"):
+    with pytest.raises(ModelError, match=r"checkpoint not found: '/no/such/model\.ckpt'"):
         preflight("/no/such/model.ckpt", CFG)
 
 
@@ -121,8 +124,9 @@ def test_mlflow_model_from_the_registry(tracking: str) -> None:
 
     ref = _reference()
     with mlflow.start_run():
-        mlflow.pytorch.log_model(ref, name="model", export_model=True, input_example=X.numpy(),
-                                 registered_model_name="digits_clf")
+        mlflow.pytorch.log_model(
+            ref, name="model", export_model=True, input_example=X.numpy(), registered_model_name="digits_clf"
+        )
         pickled = mlflow.pytorch.log_model(ref, name="pickled", serialization_format="pickle")
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("digits_clf", "champion", "1")
