@@ -231,11 +231,33 @@ def _pair_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _pairwise_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["pair", "only first right", "only second right", "McNemar p", "Holm p"]
+    rows = [
+        [f"{p['a']} vs {p['b']}", str(p["b_count"]), str(p["c_count"]), _p(p["pvalue"]), _p(p["pvalue_holm"])]
+        for p in summary.get("pairwise", [])
+    ]
+    return head, rows
+
+
+def _flip_table(pair: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Classes where the arms disagree, with per-class exact McNemar p-values, Holm-corrected over classes."""
+    head = ["class", "n", f"only {pair['a']} right", f"only {pair['b']} right", "p", "Holm p"]
+    rows = [
+        [str(c["label"]), str(c["n"]), str(c["only_a"]), str(c["only_b"]), _p(c["pvalue"]), _p(c["pvalue_adjusted"])]
+        for c in pair["per_class"]
+        if c["only_a"] + c["only_b"] > 0
+    ]
+    return head, rows
+
+
 def _notes(summary: dict[str, Any]) -> list[str]:
     notes = []
     if summary["preprocess_differs"]:
         pre = "; ".join(f"{a['name']}: {a['preprocess']}" for a in summary["arms"])
         notes.append(f"The arms' preprocessing differs (each model's native pipeline): {pre}.")
+    else:
+        notes.append(f"Every arm used the same preprocessing ({summary['arms'][0]['preprocess']}).")
     if summary["precision_differs"]:
         notes.append("The arms ran at different numeric precisions.")
     reused = [a for a in summary["arms"] if a.get("reused_from")]
@@ -348,10 +370,13 @@ def render(
         "",
     ]
     if cochran:
+        md += ["All pairs (Holm-corrected):", _md_table(*_pairwise_table(summary)), ""]
         md += [f"Cochran's Q = {cochran['statistic']:.2f} (df {cochran['df']}), p = {_p(cochran['pvalue'])}.", ""]
     md += [*power, ""] if power else []
     if latency_line:
         md += [latency_line, ""]
+    for pair in summary["pairs"]:
+        md += [f"### Flips per class: {pair['b']} vs {pair['a']}", _md_table(*_flip_table(pair)), ""]
     md += [f"![{name}]({name}.png)" for name in pngs]
     paths["report.md"] = out_dir / "report.md"
     paths["report.md"].write_text("\n".join(md) + "\n")
@@ -379,8 +404,15 @@ def render(
             f"<p>Cochran's Q = {cochran['statistic']:.2f} (df {cochran['df']}), p = {_p(cochran['pvalue'])}."
             " Pairwise p-values are Holm-corrected.</p>"
         )
+        body.append(_html_table(*_pairwise_table(summary)))
     body += [f"<p>{html.escape(line)}</p>" for line in power]
-    body += ["<h2>Flips</h2>"] + [img(n) for n in pngs if n.startswith(("flips", "flip_gallery"))]
+    body.append("<h2>Flips</h2>")
+    for pair in summary["pairs"]:
+        body += [
+            f"<h3>{html.escape(pair['b'])} vs {html.escape(pair['a'])}: classes with flips</h3>",
+            _html_table(*_flip_table(pair)),
+        ]
+    body += [img(n) for n in pngs if n.startswith(("flips", "flip_gallery"))]
     body += [
         "<h2>Per-class accuracy</h2>",
         img("per_class_accuracy"),
