@@ -16,8 +16,10 @@ import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lab.config import Config, flat_params, load_config
 
@@ -37,7 +39,7 @@ class ArmContext:
     threads: int = 0
 
 
-def preprocess_for(cfg: Config, native) -> "Preprocess":  # noqa: F821 - imported lazily (torch)
+def preprocess_for(cfg: Config, native) -> Preprocess:  # noqa: F821 - imported lazily (torch)
     from lab.data import Preprocess
 
     if cfg.preprocess == "native" and native is not None:
@@ -55,7 +57,8 @@ def create_child_run(cfg: Config, ctx: ArmContext) -> str:
     return MlflowClient().create_run(ctx.experiment_id, tags=tags, run_name=f"{name}: {spec}").info.run_id
 
 
-def _trainer(cfg: Config, ctx: ArmContext, logger, callbacks: list, max_epochs: int):
+def make_trainer(cfg: Config, ctx: ArmContext, logger, callbacks: list, max_epochs: int):
+    """The Trainer of an arm's fit and test stages (benchmarks/overhead.py times the same one)."""
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -73,6 +76,63 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+@dataclass(frozen=True)
+class StageResult:
+    """What the test stage left: its telemetry and the batch size it finished with."""
+
+    telemetry: Any  # callbacks.gpu_telemetry.GPUTelemetry
+    batch_size: int
+
+
+def fit_and_test(cfg: Config, ctx: ArmContext, module, preprocess, logger, lockstep=None,
+                 on_retry: Callable[[str], None] | None = None) -> StageResult:
+    """Fine-tune (`cfg.epochs` > 0), then test; on CUDA out-of-memory halve the batch size and redo that stage.
+
+    A fit that ran out of memory starts again from the initial weights and seed, so the arm still follows the
+    one recipe from the one start (with a smaller batch); a fit that finished is never repeated because its
+    test ran out. Memory held by the failed try (its traceback's tensors, the trainer) is freed before the
+    retry. `on_retry` gets a one-line note for each retry. Needs no MLflow: `logger` is any Lightning logger.
+    """
+    import gc
+
+    import lightning as L
+    import torch
+
+    from callbacks.gpu_telemetry import GPUTelemetry
+    from lab.data import ABDataModule
+
+    gated = [lockstep] if lockstep is not None else []
+    initial = {k: v.detach().clone() for k, v in module.state_dict().items()} if cfg.epochs > 0 else None
+    fitted = cfg.epochs == 0
+    batch_size = cfg.batch_size
+    while True:
+        arm_cfg = cfg if batch_size == cfg.batch_size else _with_batch(cfg, batch_size)
+        stage = "test" if fitted else "fit"
+        try:
+            if not fitted:
+                make_trainer(arm_cfg, ctx, logger, gated, cfg.epochs).fit(module, ABDataModule(arm_cfg, preprocess))
+                fitted, stage = True, "test"
+            telemetry = GPUTelemetry(warmup_batches=cfg.warmup_batches, sync=cfg.telemetry_sync)
+            make_trainer(arm_cfg, ctx, logger, [*gated, telemetry], 1).test(
+                module, ABDataModule(arm_cfg, preprocess), verbose=False)
+            return StageResult(telemetry, batch_size)
+        except Exception as err:  # only out-of-memory is retried, everything else re-raised
+            if not _is_oom(err) or batch_size <= OOM_MIN_BATCH:
+                raise
+        # Outside the except block the exception and its traceback are gone; the frames they held (activations,
+        # the batch) and the failed trainer (optimizer state) become garbage once the module lets go of it.
+        module.trainer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if stage == "fit":
+            module.load_state_dict(initial)
+            L.seed_everything(cfg.seed, verbose=False)
+        batch_size = max(OOM_MIN_BATCH, batch_size // 2)
+        if on_retry is not None:
+            on_retry(f"CUDA out of memory in {stage}; batch size halved to {batch_size}")
+
+
 def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
     """Fine-tune (epochs > 0) and test one arm inside an existing child run."""
     import lightning as L
@@ -80,8 +140,7 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 
-    from callbacks.gpu_telemetry import GPUTelemetry
-    from lab.data import ABDataModule, resolve_dataset
+    from lab.data import resolve_dataset
     from lab.models import ArmModule, resolve_model
 
     client = MlflowClient()
@@ -111,29 +170,14 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
         module.model = torch.compile(module.model)
     lockstep = _lockstep(cfg, ctx)
 
-    batch_size = cfg.batch_size
-    while True:
-        arm_cfg = cfg if batch_size == cfg.batch_size else _with_batch(cfg, batch_size)
-        datamodule = ABDataModule(arm_cfg, preprocess)
-        telemetry = GPUTelemetry(warmup_batches=cfg.warmup_batches, sync=cfg.telemetry_sync)
-        try:
-            if cfg.epochs > 0 and not getattr(module, "_fitted", False):
-                _trainer(arm_cfg, ctx, logger, [c for c in [lockstep] if c], cfg.epochs).fit(module, datamodule)
-                module._fitted = True
-            _trainer(arm_cfg, ctx, logger, [c for c in [lockstep, telemetry] if c], 1).test(
-                module, datamodule, verbose=False)
-            break
-        except Exception as err:  # noqa: BLE001 - only CUDA OOM is retried, everything else re-raised
-            if not _is_oom(err) or batch_size <= OOM_MIN_BATCH:
-                raise
-            torch.cuda.empty_cache()
-            batch_size //= 2
-            client.set_tag(run_id, "ab.oom_retry", f"out of memory; batch size halved to {batch_size}")
-            print(f"ablab: arm {cfg.arm_names[ctx.index]}: CUDA out of memory, retrying with batch size "
-                  f"{batch_size}", file=sys.stderr)
+    def note_retry(message: str) -> None:
+        client.set_tag(run_id, "ab.oom_retry", message)
+        print(f"ablab: arm {cfg.arm_names[ctx.index]}: {message}", file=sys.stderr)
+
+    result = fit_and_test(cfg, ctx, module, preprocess, logger, lockstep, note_retry)
     if lockstep is not None:
         lockstep.finish()
-    _log_results(client, run_id, module, telemetry, batch_size, info.class_names)
+    _log_results(client, run_id, module, result.telemetry, result.batch_size, info.class_names)
 
 
 def _with_batch(cfg: Config, batch_size: int) -> Config:
@@ -214,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = create_child_run(cfg, ctx)
     try:
         run_arm(cfg, ctx, run_id)
-    except BaseException as err:  # noqa: BLE001 - the run must end FAILED whatever stopped it
+    except BaseException as err:
         message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {one_line(err)}"
         if args.error_file:
             Path(args.error_file).write_text(message)

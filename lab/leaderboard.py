@@ -1,0 +1,89 @@
+"""Rank every evaluation of one test set: accuracy with its Wilson interval, latency and memory, and whether
+each is significantly worse than the best (paired McNemar on the per-sample predictions, Holm-corrected over
+the comparisons with the best). `python -m lab leaderboard` (lab/history.py) finds the runs and logs the table.
+
+    from lab.leaderboard import leaderboard_table, format_table
+    table = leaderboard_table(arms, {run_id: {"experiment": "team-a"}}, alpha=0.05)
+    print(format_table(table))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lab import stats
+from lab.compare import Arm, align, check_comparable
+
+COLUMNS = ("rank", "model", "accuracy", "acc_low", "acc_high", "n", "pvalue_vs_best", "pvalue_holm",
+           "worse_than_best", "latency_ms_p50", "latency_ms_p99", "throughput_img_per_s", "peak_mem_mb", "device",
+           "precision", "preprocess", "identity", "experiment", "epochs", "run_id")
+
+
+def leaderboard_table(arms: list[Arm], context: dict[str, dict[str, Any]] | None = None, alpha: float = 0.05,
+                      method: str = "exact") -> pd.DataFrame:
+    """One row per evaluation, best first; `context` adds columns per run id (experiment name, epochs).
+
+    The best arm (highest accuracy; the first listed among ties) is tested against every other with McNemar
+    `method`; the k - 1 p-values are Holm-adjusted (statsmodels `multipletests`), and `worse_than_best` is
+    adjusted p < `alpha`.
+    """
+    from statsmodels.stats.multitest import multipletests
+
+    if not arms:
+        raise ValueError("leaderboard needs at least one evaluation; got none")
+    if len(arms) > 1:
+        check_comparable(arms)  # one fingerprint should imply it; the guard proves it on the predictions
+    _, _, correct = align(arms)
+    n, k = correct.shape
+    accuracy = correct.mean(axis=0)
+    best = int(np.argmax(accuracy))
+    others = [j for j in range(k) if j != best]
+    raw, holm = np.full(k, np.nan), np.full(k, np.nan)
+    if others:
+        raw[others] = [stats.mcnemar(correct[:, best], correct[:, j], method=method).pvalue for j in others]
+        holm[others] = multipletests(raw[others], alpha=alpha, method="holm")[1]
+    rows = []
+    for j, arm in enumerate(arms):
+        w = stats.wilson_ci(int(correct[:, j].sum()), n, 1 - alpha)
+        t = arm.metrics
+        rows.append({
+            "model": arm.spec or arm.name, "accuracy": w.estimate, "acc_low": w.low, "acc_high": w.high, "n": n,
+            "pvalue_vs_best": None if j == best else float(raw[j]),
+            "pvalue_holm": None if j == best else float(holm[j]),
+            "worse_than_best": bool(j != best and holm[j] < alpha),
+            "latency_ms_p50": t.get("latency_ms_p50"), "latency_ms_p99": t.get("latency_ms_p99"),
+            "throughput_img_per_s": t.get("throughput_img_per_s"),
+            "peak_mem_mb": t.get("gpu_mem_peak_mb", t.get("cpu_rss_peak_mb")),
+            "device": arm.tags.get("ab.device", ""), "precision": arm.tags.get("ab.precision", ""),
+            "preprocess": arm.tags.get("ab.preprocess", ""), "identity": arm.tags.get("ab.model_identity", ""),
+            "experiment": "", "epochs": "", "run_id": arm.run_id, **(context or {}).get(arm.run_id, {}),
+            "_best": j == best,
+        })
+    table = pd.DataFrame(rows).sort_values(["_best", "accuracy"], ascending=False, kind="stable")
+    table.insert(0, "rank", np.arange(1, k + 1))
+    return table.drop(columns="_best").reset_index(drop=True)[list(COLUMNS)]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The leaderboard as fixed-width text for the terminal."""
+    head = ["#", "model", "accuracy", "Wilson CI", "Holm p vs best", "worse", "p50 ms", "peak MB", "device",
+            "experiment", "run"]
+    rows = [[str(r["rank"]), str(r["model"]), _cell(100 * r["accuracy"], "{:.2f}%"),
+             f"{100 * r['acc_low']:.1f}-{100 * r['acc_high']:.1f}%",
+             "best" if r["rank"] == 1 else _cell(r["pvalue_holm"], "{:.3g}"),
+             "yes" if r["worse_than_best"] else "no", _cell(r["latency_ms_p50"], "{:.2f}"),
+             _cell(r["peak_mem_mb"], "{:.0f}"), str(r["device"]), str(r["experiment"]), str(r["run_id"])]
+            for r in table.to_dict("records")]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
