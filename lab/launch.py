@@ -87,6 +87,28 @@ def _arm_env(p: Plan, index: int, tracking_uri: str) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGKILL when the launcher dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _stop(procs, grace_s: float = 10.0) -> None:
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str, tracking_uri: str,
              p: Plan) -> list[ArmOutcome]:
     """Start the arms as `p` says and wait for all of them; a failed arm never stops the others."""
@@ -105,15 +127,18 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
     def start(i: int) -> subprocess.Popen:
         address = server.address if server else None
         cmd = _arm_command(cfg_path, i, parent_run_id, experiment_id, p, errors[i], address, n)
-        return subprocess.Popen(cmd, env=_arm_env(p, i, tracking_uri))
+        procs[i] = subprocess.Popen(cmd, env=_arm_env(p, i, tracking_uri), preexec_fn=_die_with_parent)
+        return procs[i]
 
+    procs: dict[int, subprocess.Popen] = {}
     codes: dict[int, int] = {}
     try:
         if p.placement == "sequential":
             for i in range(n):
                 codes[i] = start(i).wait()
         else:
-            procs = {i: start(i) for i in range(n)}
+            for i in range(n):
+                start(i)
             while len(codes) < n:
                 for i, proc in procs.items():
                     if i not in codes and proc.poll() is not None:
@@ -122,6 +147,7 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
                             server.reap(i)  # a dead arm must not keep the others waiting for its turn
                 time.sleep(0.2)
     finally:
+        _stop(procs.values())  # interrupted (Ctrl-C, an exception): no arm outlives the launcher
         if server is not None:
             server.close()
 
