@@ -1,0 +1,210 @@
+"""Tests of lab/arm.py: the out-of-memory retry, and an arm's MLflow traffic.
+
+    .venv/bin/python -m pytest tests/test_arm.py -q
+
+An arm runs in this process (`run_arm`) against a real SQLite store under tmp_path, with a tiny network
+in place of the timm model. Running out of GPU memory is simulated on the CPU: the network raises
+`torch.cuda.OutOfMemoryError` for batches above a size, as CUDA's allocator would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections import Counter
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from lab import arm
+from lab.config import Config, build_config
+from lab.models import ResolvedModel
+
+N_CLASSES = 4
+MLFLOW_CALLS = ("log_metric", "log_batch", "set_tag", "log_param", "log_artifact", "log_artifacts",
+                "set_terminated", "create_run")
+
+
+class OomNet(nn.Module):
+    """A small convnet that 'runs out of memory' on batches larger than `fits` in the stages named.
+
+    Every failure first allocates a tensor that only the failing frame holds, as a real forward pass holds
+    its activations; `leaked()` tells whether any of those outlived the failure into a later forward pass.
+    """
+
+    def __init__(self, fits: int, stages: tuple[str, ...] = ("test",), fail_from_call: int = 1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, N_CLASSES))
+        self.fits, self.stages, self.fail_from_call = fits, stages, fail_from_call
+        self.calls: Counter = Counter()  # forward passes by (stage, batch size)
+        self._held: list[weakref.ref] = []
+        self.alive_at_next_call: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._held:
+            self.alive_at_next_call += [ref() is not None for ref in self._held]
+            self._held = []
+        stage = "fit" if self.training else "test"
+        self.calls[stage, x.shape[0]] += 1
+        if stage in self.stages and x.shape[0] > self.fits and self.calls[stage, x.shape[0]] >= self.fail_from_call:
+            activations = torch.empty(1 << 18)
+            self._held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} batches")
+        return self.net(x)
+
+
+def config(**overrides: Any) -> Config:
+    values = {"data": "fake", "fake_samples": 40, "fake_classes": N_CLASSES, "image_size": 8, "epochs": 0,
+              "allow_random_head": True, "a": "resnet10t", "b": "mobilenetv3_small_100", "batch_size": 16,
+              "warmup_batches": 0, "lr": 0.05}
+    return build_config(values | overrides)
+
+
+def use_network(monkeypatch: pytest.MonkeyPatch, net: nn.Module) -> None:
+    """Make every model spec resolve to `net` (run_arm imports resolve_model when it runs)."""
+    resolved = ResolvedModel(net, "oomnet", "timm", "test:oomnet", random_head=True, native=None)
+    monkeypatch.setattr("lab.models.resolve_model", lambda spec, cfg, num_classes: resolved)
+
+
+def start_child(cfg: Config, experiment: str = "arm-tests") -> tuple[str, arm.ArmContext]:
+    """A parent run in a new experiment and the first arm's child run, as the launcher would make them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment(experiment)
+    parent = client.create_run(experiment_id, tags={"ab.role": "parent"}).info.run_id
+    ctx = arm.ArmContext(index=0, parent_run_id=parent, experiment_id=experiment_id)
+    return arm.create_child_run(cfg, ctx), ctx
+
+
+def logged_predictions(run_id: str) -> pd.DataFrame:
+    from mlflow import MlflowClient
+
+    return pd.read_parquet(MlflowClient().download_artifacts(run_id, "predictions/predictions.parquet"))
+
+
+# ---- the out-of-memory retry ---------------------------------------------------------------------
+
+
+def test_test_oom_halves_the_batch_until_it_fits_and_the_fit_is_not_repeated(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    cfg = config(epochs=1)  # 28 training images (2 batches of 16), 12 test images
+    net = OomNet(fits=4, stages=("test",))
+    use_network(monkeypatch, net)
+    run_id, ctx = start_child(cfg)
+    arm.run_arm(cfg, ctx, run_id)
+
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags["ab.batch_size_final"] == "4"  # 16 -> 8 -> 4
+    assert run.data.tags["ab.oom_retry"] == "CUDA out of memory in test; batch size halved to 4"
+    assert sum(n for (stage, _), n in net.calls.items() if stage == "fit") == 2  # one epoch, once
+    assert net.calls["test", 12] == 1 and net.calls["test", 8] == 1 and net.calls["test", 4] == 3  # 12 images
+    assert not any(net.alive_at_next_call)  # the failed try's tensors were freed before the retry
+
+    predictions = logged_predictions(run_id)  # the failed tries left nothing behind
+    assert sorted(predictions["sample_id"]) == sorted(set(predictions["sample_id"])) and len(predictions) == 12
+    accuracy = (predictions["pred"] == predictions["label"]).mean()
+    assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+    confusion = MlflowClient().download_artifacts(run_id, "metrics/confusion_matrix.json")
+    assert sum(map(sum, pd.read_json(confusion, typ="series")["matrix"])) == 12
+
+
+def test_fit_oom_starts_again_from_the_initial_weights(tracking: str) -> None:
+    """After one optimizer step at batch 16, the fit runs out of memory; the retry at batch 8 must end
+    exactly where a fit that started at batch 8 ends."""
+    cfg = config(epochs=1, fake_samples=60)  # 42 training images
+    ctx = arm.ArmContext(index=0, parent_run_id="", experiment_id="")
+
+    def fitted_weights(net: OomNet, batch_size: int, notes: list[str]) -> dict[str, torch.Tensor]:
+        import lightning as L
+
+        from lab.arm import preprocess_for
+        from lab.models import ArmModule
+
+        L.seed_everything(cfg.seed, verbose=False)
+        module = ArmModule(net, N_CLASSES, cfg.lr, cfg.weight_decay, cfg.epochs)
+        run_cfg = dataclasses.replace(cfg, batch_size=batch_size)
+        result = arm.fit_and_test(run_cfg, ctx, module, preprocess_for(run_cfg, None), False, on_retry=notes.append)
+        assert result.batch_size == 8 and module.predictions is not None and len(module.predictions) == 18
+        return {k: v.clone() for k, v in net.state_dict().items()}
+
+    torch.manual_seed(0)
+    failing = OomNet(fits=8, stages=("fit",), fail_from_call=2)
+    start = {k: v.clone() for k, v in failing.state_dict().items()}
+    notes: list[str] = []
+    retried = fitted_weights(failing, 16, notes)
+    assert notes == ["CUDA out of memory in fit; batch size halved to 8"]
+    assert failing.calls["fit", 16] == 2  # one step taken, then out of memory
+
+    clean = OomNet(fits=8, stages=())
+    clean.load_state_dict(start)
+    direct = fitted_weights(clean, 8, [])
+    assert any(not torch.equal(start[k], direct[k]) for k in start)  # the fit did change the weights
+    for key in start:
+        torch.testing.assert_close(retried[key], direct[key], msg=key)
+
+
+def test_other_errors_and_oom_at_the_smallest_batch_are_not_retried(tracking: str) -> None:
+    from lab.arm import preprocess_for
+    from lab.models import ArmModule
+
+    ctx = arm.ArmContext(index=0, parent_run_id="", experiment_id="")
+    cfg = config(batch_size=1)
+    notes: list[str] = []
+    module = ArmModule(OomNet(fits=0), N_CLASSES)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        arm.fit_and_test(cfg, ctx, module, preprocess_for(cfg, None), False, on_retry=notes.append)
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("not a memory problem")
+
+    cfg = config()
+    with pytest.raises(ValueError, match="not a memory problem"):
+        arm.fit_and_test(cfg, ctx, ArmModule(Broken(), N_CLASSES), preprocess_for(cfg, None), False,
+                         on_retry=notes.append)
+    assert notes == []
+
+
+# ---- MLflow traffic ----------------------------------------------------------------------------
+
+
+def count_mlflow_calls(monkeypatch: pytest.MonkeyPatch, counts: Counter) -> None:
+    """Count every write an MlflowClient makes, from any instance (the arm's and the MLFlowLogger's)."""
+    from mlflow import MlflowClient
+
+    for name in MLFLOW_CALLS:
+        method = getattr(MlflowClient, name)
+
+        def counted(self: Any, *args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            counts[_name] += 1
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, name, counted)
+
+
+def test_an_arm_makes_the_same_mlflow_calls_whatever_the_number_of_batches(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ArmModule, GPUTelemetry and the predictions artifact: 2 or 12 test batches, the same calls."""
+    calls = {}
+    for n_test in (8, 48):
+        cfg = config(fake_samples=round(n_test / 0.3), batch_size=4, warmup_batches=1)
+        use_network(monkeypatch, OomNet(fits=1000))
+        run_id, ctx = start_child(cfg, experiment=f"calls-{n_test}")
+        counts: Counter = Counter()
+        with monkeypatch.context() as patch:
+            count_mlflow_calls(patch, counts)
+            arm.run_arm(cfg, ctx, run_id)
+        assert len(logged_predictions(run_id)) == n_test
+        calls[n_test] = dict(counts)
+    assert calls[8] == calls[48]
+    # params+tags, hyperparameters, test_accuracy, telemetry summary, tags and series, per-class metrics
+    assert calls[8]["log_batch"] <= 7 and sum(calls[8].values()) <= 12, calls[8]

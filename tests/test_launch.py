@@ -1,0 +1,160 @@
+"""Tests of lab/launch.py: where arms are placed, and whole A/B jobs under each placement on the CPU.
+
+    .venv/bin/python -m pytest tests/test_launch.py -q
+
+`plan()` is checked with made-up GPU lists. The end-to-end tests run `python -m lab run` as a user would,
+once per placement (lockstep, parallel, sequential), with two small random-weight timm models on fake data,
+each against its own SQLite store under a temporary folder. The three jobs (three processes each, mostly
+importing) start together and take about 1-2 minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import FAST_ARGS, subprocess_env
+
+from lab.config import build_config
+from lab.launch import Plan, _arm_env, plan, visible_gpus
+
+CORES = os.cpu_count() or 1
+
+
+def cfg(**overrides: str):
+    return build_config({"allow_random_head": True, "epochs": 0} | overrides)
+
+
+# ---- plan: which placement, which devices ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("placement", "gpus", "n_arms", "expected"),
+    [
+        ("auto", ("0", "1"), 2, Plan("parallel", "cuda", ("0", "1"), 0)),
+        ("auto", ("0", "1", "2"), 2, Plan("parallel", "cuda", ("0", "1"), 0)),
+        ("auto", ("0", "1"), 3, Plan("lockstep", "cuda", ("0",), 0)),
+        ("auto", ("3",), 2, Plan("lockstep", "cuda", ("3",), 0)),
+        ("auto", (), 2, Plan("lockstep", "cpu", (), CORES)),
+        ("lockstep", ("0", "1"), 2, Plan("lockstep", "cuda", ("0",), 0)),
+        ("sequential", ("0", "1"), 2, Plan("sequential", "cuda", ("0",), 0)),
+        ("sequential", (), 2, Plan("sequential", "cpu", (), CORES)),
+        ("parallel", (), 2, Plan("parallel", "cpu", (), max(1, CORES // 2))),
+        ("parallel", ("1", "0"), 2, Plan("parallel", "cuda", ("1", "0"), 0)),
+    ],
+)
+def test_plan_choices(placement: str, gpus: tuple[str, ...], n_arms: int, expected: Plan) -> None:
+    assert plan(cfg(placement=placement), n_arms, gpus) == expected
+
+
+def test_parallel_with_too_few_gpus_raises() -> None:
+    with pytest.raises(ValueError, match="parallel needs one GPU per arm \\(3\\), found 2"):
+        plan(cfg(placement="parallel"), 3, ("0", "1"))
+
+
+def test_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert visible_gpus(cfg(devices="cpu")) == ()
+    assert visible_gpus(cfg(devices="auto")) == ("0", "1")
+    assert visible_gpus(cfg(devices="1")) == ("1",)
+    with pytest.raises(ValueError, match="GPU 5 not present \\(2 visible\\)"):
+        visible_gpus(cfg(devices="0,5"))
+
+
+def test_arm_env_narrows_gpus_and_drops_the_parents_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_RUN_ID", "parent")
+    parallel = Plan("parallel", "cuda", ("2", "5"), 0)
+    envs = [_arm_env(parallel, i, "sqlite:///x.db") for i in range(2)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5"]
+    assert all("MLFLOW_RUN_ID" not in e and e["AB_PLACEMENT"] == "parallel" for e in envs)
+    shared = Plan("lockstep", "cuda", ("3",), 0)
+    assert {_arm_env(shared, i, "sqlite:///x.db")["CUDA_VISIBLE_DEVICES"] for i in range(2)} == {"3"}
+    assert "CUDA_VISIBLE_DEVICES" not in _arm_env(Plan("lockstep", "cpu", (), 2), 0, "sqlite:///x.db")
+
+
+# ---- whole jobs, one per placement -------------------------------------------------------------------
+
+
+PLACEMENTS = ("lockstep", "parallel", "sequential")
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """The three jobs, started at once (most of each is importing in one process at a time)."""
+    started = {}
+    for placement in PLACEMENTS:
+        folder = tmp_path_factory.mktemp(placement)
+        env = subprocess_env(f"sqlite:///{folder}/mlflow.db") | {"AB_LOCKSTEP_ORDER_LOG": str(folder / "order.log")}
+        command = [sys.executable, "-m", "lab", "run", *FAST_ARGS, "--placement", placement, "--devices", "cpu"]
+        proc = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        started[placement] = (proc, folder)
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def run_job(jobs: dict[str, tuple[subprocess.Popen, Path]], placement: str) -> tuple[str, Path]:
+    """Wait for one job to succeed; returns its tracking URI and folder."""
+    proc, folder = jobs[placement]
+    _, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-3000:]
+    return f"sqlite:///{folder}/mlflow.db", folder
+
+
+def finished_job(uri: str, placement: str) -> tuple[list, dict[str, pd.DataFrame]]:
+    """Check the parent and both children finished; return the children (by arm index) and their batch tables."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("ab.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["ab.placement"] == placement
+    children = sorted((r for r in runs if r.data.tags.get("ab.role") == "child"),
+                      key=lambda r: int(r.data.tags["ab.arm_index"]))
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert all(c.data.tags["ab.placement"] == placement for c in children)
+    tables = {}
+    for child in children:
+        path = client.download_artifacts(child.info.run_id, "telemetry/batches.parquet")
+        tables[child.data.tags["ab.arm"]] = pd.read_parquet(path)
+        assert len(tables[child.data.tags["ab.arm"]]) == 2  # 29 test images in batches of 16
+    return children, tables
+
+
+@pytest.mark.slow
+def test_lockstep_job_alternates_the_arms_batch_by_batch(jobs: dict) -> None:
+    uri, folder = run_job(jobs, "lockstep")
+    children, _ = finished_job(uri, "lockstep")
+    order = [line.split() for line in (folder / "order.log").read_text().splitlines()]
+    assert [(rank, stage) for rank, stage, _ in order] == [("0", "test"), ("1", "test")] * 2
+    assert [int(i) for _, _, i in order] == [0, 0, 1, 1]
+    assert all(c.data.tags["ab.cpu_threads"] == str(CORES) for c in children)  # each arm has every core
+
+
+@pytest.mark.slow
+def test_parallel_job_on_the_cpu_splits_the_cores(jobs: dict) -> None:
+    uri, folder = run_job(jobs, "parallel")
+    children, _ = finished_job(uri, "parallel")
+    assert all(c.data.tags["ab.cpu_threads"] == str(max(1, CORES // 2)) for c in children)
+    assert not (folder / "order.log").exists()  # no turns taken
+
+
+@pytest.mark.slow
+def test_sequential_job_runs_one_arm_after_the_other(jobs: dict) -> None:
+    uri, _ = run_job(jobs, "sequential")
+    children, _ = finished_job(uri, "sequential")
+    first, second = children
+    assert first.info.end_time <= second.info.start_time
+    assert all(c.data.tags["ab.cpu_threads"] == str(CORES) for c in children)
+
