@@ -1,14 +1,18 @@
-"""Rank every evaluation of one test set: accuracy with its Wilson interval, latency and memory, and whether
-each is significantly worse than the best (paired McNemar on the per-sample predictions, Holm-corrected over
-the comparisons with the best). `python -m lab leaderboard` (lab/history.py) finds the runs and logs the table.
+"""`python -m lab leaderboard`: every FINISHED evaluation of one test set (one dataset fingerprint), from every
+experiment you can read, ranked: accuracy with its Wilson interval, latency and memory, and whether each is
+significantly worse than the best (paired McNemar on the per-sample predictions, Holm-corrected over the
+comparisons with the best). Logged as an MLflow table (leaderboard.json) in a new run, and printed.
 
-    from lab.leaderboard import leaderboard_table, format_table
-    table = leaderboard_table(arms, {run_id: {"experiment": "team-a"}}, alpha=0.05)
-    print(format_table(table))
+    python -m lab leaderboard --fingerprint sha256:...        # a child run's tag ab.dataset_fingerprint
+    python -m lab leaderboard --data digits --seed 0          # or computed from the data keys, as `run` would
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -16,6 +20,10 @@ import pandas as pd
 
 from lab import stats
 from lab.compare import Arm, align, check_comparable
+from lab.config import Config, load_config
+from lab.history import mlflow_error_line, search_children, unique_names
+
+FINGERPRINT = re.compile(r"sha256:[0-9a-f]{8,64}")
 
 COLUMNS = ("rank", "model", "accuracy", "acc_low", "acc_high", "n", "pvalue_vs_best", "pvalue_holm",
            "worse_than_best", "latency_ms_p50", "latency_ms_p99", "throughput_img_per_s", "peak_mem_mb", "device",
@@ -87,3 +95,68 @@ def format_table(table: pd.DataFrame) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_leaderboard(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`python -m lab leaderboard`: every FINISHED evaluation on one test set, ranked, logged as a table."""
+    from lab import cli
+
+    os.environ["MLFLOW_TRACKING_URI"] = cli.tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fetched run is noise
+    try:
+        cfg = load_config(cli.config_path(args.config), overrides)
+        fingerprint = args.fingerprint
+        if fingerprint and not FINGERPRINT.fullmatch(fingerprint):
+            raise ValueError(f"fingerprint: {fingerprint!r} is not a dataset fingerprint (sha256:<32 hex digits>, "
+                             "tag ab.dataset_fingerprint of a child run)")
+        if not fingerprint:
+            from lab.data import resolve_dataset
+
+            fingerprint = resolve_dataset(cfg).fingerprint
+        import mlflow
+
+        from lab.compare import fetch_arms
+
+        client = mlflow.MlflowClient()
+        runs = search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'")
+        if not runs:
+            raise ValueError(f"no FINISHED ablab evaluation on dataset fingerprint {fingerprint} in any "
+                             "experiment you can read")
+        arms = fetch_arms(client, [r.info.run_id for r in runs], unique_names([r.info.run_id[:8] for r in runs]))
+        experiments = {eid: client.get_experiment(eid).name for eid in {r.info.experiment_id for r in runs}}
+        context = {r.info.run_id: {"experiment": experiments[r.info.experiment_id],
+                                   "epochs": r.data.params.get("epochs", "")} for r in runs}
+        table = leaderboard_table(arms, context, alpha=cfg.alpha, method=cfg.mcnemar_method)
+    except ValueError as err:  # ConfigError, DataError, ComparisonError
+        return cli.fail(str(err), cli.EXIT_BAD_INPUT)
+    except Exception as err:  # MlflowException, connection errors: one line, no trace
+        if os.environ.get("AB_DEBUG"):
+            raise
+        return cli.fail(mlflow_error_line(err, "tracking server"), cli.EXIT_BAD_INPUT)
+    return _log_leaderboard(cfg, fingerprint, table)
+
+
+def _log_leaderboard(cfg: Config, fingerprint: str, table: pd.DataFrame) -> int:
+    import mlflow
+
+    from lab import cli
+    from lab.arm import one_line
+
+    run = cli.start_parent_run(cfg, f"leaderboard {fingerprint.removeprefix('sha256:')[:12]}")
+    try:
+        mlflow.set_tags({"ab.role": "leaderboard", "ab.dataset_fingerprint": fingerprint,
+                         "ab.leaderboard_best": table.iloc[0]["model"], "ab.leaderboard_size": str(len(table))})
+        # Prefixed as in `run`: `mlflow run -e leaderboard` has already logged the raw -P values (fingerprint "").
+        mlflow.log_params({"config.fingerprint": fingerprint, "config.alpha": cfg.alpha,
+                           "config.mcnemar_method": cfg.mcnemar_method})
+        mlflow.log_table(table, "leaderboard.json")
+        text = format_table(table)
+        mlflow.log_text(text + "\n", "leaderboard.txt")
+    except Exception as err:  # never leave the run RUNNING
+        cli.end_failed(run.info.run_id, one_line(err))
+        return cli.fail(one_line(err), cli.EXIT_FAILED)
+    mlflow.end_run("FINISHED")
+    print(text)
+    print(f"ablab: {len(table)} evaluations on {fingerprint}; table leaderboard.json in run {run.info.run_id}",
+          file=sys.stderr)
+    return 0

@@ -67,8 +67,6 @@ def test_mlflow_run_end_to_end(tracking: str, tmp_path: Path) -> None:
     assert m["mcnemar_pvalue"] == pytest.approx(sm_mcnemar(table, exact=True).pvalue, rel=1e-9)
     assert m["acc_diff"] == pytest.approx(cb.mean() - ca.mean())
     assert m["acc_diff_ci_low"] <= m["acc_diff"] <= m["acc_diff_ci_high"]
-    # Both arms learned the digits far above chance (10%), even after one epoch.
-    assert min(ca.mean(), cb.mean()) > 0.3
 
     tags = parent.data.tags
     expected = {"b_better", "a_better", "no_significant_difference"}
