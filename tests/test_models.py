@@ -48,7 +48,10 @@ def test_unknown_timm_name_lists_close_matches() -> None:
 
 
 def test_pretrained_without_network_names_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # The same failure as no network, without huggingface_hub's minute of retries (read at import, so patched).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match=r"pretrained weights could not be downloaded.*pretrained=false"):
         resolve_model("resnet10t", build_config({"pretrained": True}), 10)
 
