@@ -47,6 +47,7 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")  # forget an active experiment id left by an earlier test's store
     yield uri
     if mlflow.active_run():
         mlflow.end_run()

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,7 @@ def test_mlflow_run_end_to_end(tracking: str, tmp_path: Path) -> None:
         )
     )
     html = (report / "report.html").read_text()
-    assert tags["ab.verdict_sentence"] in html and html.count("data:image/png;base64,") >= 4
+    assert escape(tags["ab.verdict_sentence"]) in html and html.count("data:image/png;base64,") >= 4
     summary = json.loads((report / "summary.json").read_text())
     assert summary["verdict"] == tags["ab.verdict"] and summary["n"] == len(a)
     assert (report / "report.md").read_text().splitlines()[2] == f"**{tags['ab.verdict_sentence']}**"
