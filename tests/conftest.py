@@ -54,7 +54,8 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def subprocess_env(uri: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
+    # No run or experiment inherited from this process (mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN", "MLFLOW_EXPERIMENT"))}
     env["MLFLOW_TRACKING_URI"] = uri
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["HF_HUB_OFFLINE"] = "1"
