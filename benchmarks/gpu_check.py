@@ -149,7 +149,7 @@ def environment(a: argparse.Namespace) -> dict[str, Any]:
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=".", help="folder for gpu_check.json and gpu_check.txt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -163,10 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget_s", type=float, default=400.0, help="skip the parts not started by then")
     p.add_argument("--smoke", action="store_true", help="tiny models, few batches: checks the script on the CPU")
     a = p.parse_args(argv)
-    models = MODELS
     if a.smoke:
-        models = ("resnet10t", "mobilenetv3_small_100")
         a.batch_size, a.image_size, a.rounds, a.lockstep_batches = 8, 32, 1, 3
+    return a
+
+
+def print_summary(report: dict[str, Any], out: Path) -> None:
+    ratios = {name: r["ratio_vs_timm"] for name, r in report["overhead"].items() if isinstance(r, dict)}
+    lockstep = report["lockstep"]["ratio"] if isinstance(report["lockstep"], dict) else float("nan")
+    print("summary: " + ", ".join(f"{n} full/timm {v:.4f}" for n, v in ratios.items())
+          + f", lockstep/(a+b) {lockstep:.4f}, NVML plausible: "
+          + str({n: v["ok"] for n, v in report["nvml"].items()}))
+    print(f"elapsed {report['elapsed_s']:.0f} s; wrote {out / 'gpu_check.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    models = ("resnet10t", "mobilenetv3_small_100") if a.smoke else MODELS
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(a.precision)
     torch.backends.cudnn.benchmark = True  # as timm's benchmark.py; Lightning keeps the session's setting
     out = Path(a.out)
@@ -220,12 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             section("lockstep: two arms on one device vs each alone", parallel.print_result, report["lockstep"])
     report["elapsed_s"] = time.monotonic() - t0
     save()
-    ratios = {name: r["ratio_vs_timm"] for name, r in report["overhead"].items() if isinstance(r, dict)}
-    lockstep = report["lockstep"]["ratio"] if isinstance(report["lockstep"], dict) else float("nan")
-    print("summary: " + ", ".join(f"{n} full/timm {v:.4f}" for n, v in ratios.items())
-          + f", lockstep/(a+b) {lockstep:.4f}, NVML plausible: "
-          + str({n: v["ok"] for n, v in report["nvml"].items()}))
-    print(f"elapsed {report['elapsed_s']:.0f} s; wrote {out / 'gpu_check.json'}")
+    print_summary(report, out)
     return 0
 
 

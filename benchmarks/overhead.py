@@ -42,10 +42,10 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from callbacks.gpu_telemetry import GPUTelemetry
-from lab.arm import ArmContext, _log_results, make_trainer, preprocess_for
+from lab.arm import ArmContext, log_results, make_trainer
 from lab.config import Config, build_config
 from lab.data import ABDataModule, resolve_dataset
-from lab.models import ArmModule, resolve_model
+from lab.models import ArmModule, preprocess_for, resolve_model
 
 GOAL = 0.97
 
@@ -136,7 +136,7 @@ class Bench:
         else:
             trainer.test(self.module, datamodule=self.datamodule, verbose=False)
         if client is not None:
-            _log_results(client, run_id, self.module, telemetry, self.cfg.batch_size, self.class_names)
+            log_results(client, run_id, self.module, self.cfg.batch_size, self.class_names)
         else:  # the same end-of-test work, written locally
             self.module.predictions.to_parquet(self.workdir / "predictions.parquet", index=False)
             self.module.per_class_accuracy(), self.module.confusion_matrix()

@@ -66,9 +66,9 @@ def worker(address: str, rank: int) -> None:
     warnings.filterwarnings("ignore")
     from callbacks.gpu_telemetry import GPUTelemetry
     from callbacks.lockstep import Lockstep
-    from lab.arm import ArmContext, make_trainer, preprocess_for
+    from lab.arm import ArmContext, make_trainer
     from lab.data import ABDataModule, resolve_dataset
-    from lab.models import ArmModule, resolve_model
+    from lab.models import ArmModule, preprocess_for, resolve_model
 
     host, port = address.rsplit(":", 1)
     store = TCPStore(host, int(port), None, False, timeout=STORE_TIMEOUT, wait_for_workers=False)

@@ -11,17 +11,32 @@ transform) differs. Whatever happens, the child run ends FINISHED or FAILED with
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import gc
 import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from callbacks.gpu_telemetry import GPUTelemetry
+from callbacks.lockstep import Lockstep
+from lab import lineage, runs
 from lab.config import Config, flat_params, load_config
+from lab.data import ABDataModule, DatasetInfo, Preprocess, fingerprint, resolve_dataset
+from lab.models import ArmModule, ResolvedModel, model_spec, preprocess_for, resolve_model, save_model_dir
 
 OOM_MIN_BATCH = 1
 
@@ -39,18 +54,8 @@ class ArmContext:
     threads: int = 0
 
 
-def preprocess_for(cfg: Config, native) -> Preprocess:  # noqa: F821 - imported lazily (torch)
-    from lab.data import Preprocess
-
-    if cfg.preprocess == "native" and native is not None:
-        return native
-    return Preprocess(input_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
-
-
 def create_child_run(cfg: Config, ctx: ArmContext) -> str:
     """A child run of the parent; created with the client, so an inherited MLFLOW_RUN_ID cannot hijack it."""
-    from mlflow import MlflowClient
-
     name, spec = cfg.arm_names[ctx.index], cfg.arm_specs[ctx.index]
     tags = {"mlflow.parentRunId": ctx.parent_run_id, "mlflow.runName": f"{name}: {spec}", "ab.role": "child",
             "ab.arm": name, "ab.arm_index": str(ctx.index), "ab.model": spec}
@@ -59,9 +64,6 @@ def create_child_run(cfg: Config, ctx: ArmContext) -> str:
 
 def make_trainer(cfg: Config, ctx: ArmContext, logger, callbacks: list, max_epochs: int):
     """The Trainer of an arm's fit and test stages (benchmarks/overhead.py times the same one)."""
-    import lightning as L
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
     return L.Trainer(
         accelerator="gpu" if ctx.device == "cuda" else "cpu", devices=1, precision=cfg.precision,
         max_epochs=max_epochs, logger=logger, callbacks=[*callbacks, TQDMProgressBar(process_position=ctx.index)],
@@ -71,8 +73,6 @@ def make_trainer(cfg: Config, ctx: ArmContext, logger, callbacks: list, max_epoc
 
 
 def _is_oom(err: BaseException) -> bool:
-    import torch
-
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
@@ -80,7 +80,7 @@ def _is_oom(err: BaseException) -> bool:
 class StageResult:
     """What the test stage left: its telemetry and the batch size it finished with."""
 
-    telemetry: Any  # callbacks.gpu_telemetry.GPUTelemetry
+    telemetry: GPUTelemetry
     batch_size: int
 
 
@@ -93,14 +93,6 @@ def fit_and_test(cfg: Config, ctx: ArmContext, module, preprocess, logger, locks
     test ran out. Memory held by the failed try (its traceback's tensors, the trainer) is freed before the
     retry. `on_retry` gets a one-line note for each retry. Needs no MLflow: `logger` is any Lightning logger.
     """
-    import gc
-
-    import lightning as L
-    import torch
-
-    from callbacks.gpu_telemetry import GPUTelemetry
-    from lab.data import ABDataModule
-
     gated = [lockstep] if lockstep is not None else []
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()} if cfg.epochs > 0 else None
     fitted = cfg.epochs == 0
@@ -135,14 +127,6 @@ def fit_and_test(cfg: Config, ctx: ArmContext, module, preprocess, logger, locks
 
 def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
     """Fine-tune (epochs > 0) and test one arm inside an existing child run."""
-    import lightning as L
-    import torch
-    from lightning.pytorch.loggers import MLFlowLogger
-    from mlflow import MlflowClient
-
-    from lab.data import resolve_dataset
-    from lab.models import ArmModule, resolve_model
-
     client = MlflowClient()
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
@@ -160,8 +144,8 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
                          "ab.model_source": resolved.source, "ab.arch": resolved.arch,
                          "ab.precision": cfg.precision, "ab.placement": os.environ.get("AB_PLACEMENT", ""),
                      }.items()])
-    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id, log_model=False)
+    test_set = log_splits(cfg, client, run_id, info)
+    logger = MLFlowLogger(tracking_uri=runs.tracking_uri(), run_id=run_id, log_model=False)
     module = ArmModule(resolved.module, info.num_classes, cfg.lr, cfg.weight_decay, cfg.epochs,
                        cfg.channels_last, resolved.arch)
     if cfg.channels_last:
@@ -177,42 +161,83 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
     result = fit_and_test(cfg, ctx, module, preprocess, logger, lockstep, note_retry)
     if lockstep is not None:
         lockstep.finish()
-    _log_results(client, run_id, module, result.telemetry, result.batch_size, info.class_names)
+    log_results(client, run_id, module, result.batch_size, info.class_names)
+    model_id = log_model(cfg, ctx, client, run_id, module, resolved, preprocess)
+    link_metrics(client, run_id, model_id, test_set)
+
+
+def log_splits(cfg: Config, client, run_id: str, info: DatasetInfo):
+    """The test split (and, for a fine-tune, the training split) as the run's MLflow dataset inputs; returns the
+    test dataset."""
+    test = lineage.split_dataset(cfg, info.fingerprint, len(info.test), info.class_names)
+    splits = {"test": test}
+    if cfg.epochs > 0:
+        root = str(Path(cfg.data.partition(":")[2]).expanduser()) if cfg.data.startswith("imagefolder:") else None
+        splits["train"] = lineage.split_dataset(cfg, fingerprint(info.train, info.class_names, root),
+                                                len(info.train), info.class_names)
+    lineage.log_datasets(client, run_id, splits)
+    return test
+
+
+def log_model(cfg: Config, ctx: ArmContext, client, run_id: str, module: ArmModule, resolved: ResolvedModel,
+              preprocess: Preprocess) -> str:
+    """The arm's model as an MLflow logged model: fine-tuned weights (pt2, or safetensors where export fails),
+    else a link to where the weights live (the registry version's model, or an external model naming the timm
+    name or checkpoint). Tags the run with `ab.logged_model` (model id) and `ab.logged_model_format`."""
+    spec = cfg.arm_specs[ctx.index]
+    tags = {"ablab.model": spec, "ablab.identity": resolved.identity[: runs.MAX_TAG], "ablab.arch": resolved.arch,
+            "ablab.preprocess": preprocess.describe()}
+    source_id = lineage.source_model_id(client, spec, resolved.identity) if resolved.source == "mlflow" else None
+    if cfg.epochs > 0 and cfg.log_model:
+        net = getattr(module.model, "_orig_mod", module.model)  # torch.compile's wrapper holds the module
+        net = (copy.deepcopy(net).cpu() if ctx.device == "cuda" else net).eval()
+        example = torch.zeros(2, 3, preprocess.input_size, preprocess.input_size)
+        recipe = model_spec(resolved.arch, module.num_classes, preprocess, cfg)
+
+        def write(folder: Path, record) -> str:
+            return save_model_dir(net, recipe, example, folder, record)
+
+        model_id, fmt = lineage.log_stored_model(client, run_id, ctx.experiment_id, write, tags)
+        fmt = fmt.split(" ", 1)[0]
+    elif source_id is not None and cfg.epochs == 0:
+        model_id, fmt = source_id, "mlflow"
+        lineage.link_input_model(client, run_id, model_id)
+    else:
+        why = "log_model=false" if cfg.epochs > 0 else "scored as it is"
+        tags |= {"ablab.pretrained": str(cfg.pretrained).lower(), "ablab.weights": f"not logged ({why})"}
+        model_id, fmt = lineage.link_external_model(client, run_id, ctx.experiment_id, resolved.arch, tags), "external"
+    client.log_batch(run_id, tags=[_tag("ab.logged_model", model_id), _tag("ab.logged_model_format", fmt)])
+    return model_id
+
+
+def link_metrics(client, run_id: str, model_id: str, test_set) -> None:
+    """Accuracy, latency, throughput and memory linked to the arm's logged model and the test dataset."""
+    metrics = client.get_run(run_id).data.metrics
+    linked = {k: metrics[k] for k in lineage.LINKED_METRICS if k in metrics}
+    lineage.log_linked_metrics(client, run_id, linked, model_id, test_set)
 
 
 def _with_batch(cfg: Config, batch_size: int) -> Config:
-    import dataclasses
-
     return dataclasses.replace(cfg, batch_size=batch_size)
 
 
 def _lockstep(cfg: Config, ctx: ArmContext):
     if not ctx.lockstep:
         return None
-    from callbacks.lockstep import Lockstep
-
     return Lockstep(ctx.lockstep, ctx.index, ctx.world_size, timeout_s=cfg.lockstep_timeout_s,
                     order_log=os.environ.get("AB_LOCKSTEP_ORDER_LOG") or None)
 
 
-def _param(key: str, value: str):
-    from mlflow.entities import Param
-
+def _param(key: str, value: str) -> Param:
     return Param(key, value[:6000])
 
 
-def _tag(key: str, value: str):
-    from mlflow.entities import RunTag
-
+def _tag(key: str, value: str) -> RunTag:
     return RunTag(key, value)
 
 
-def _log_results(client, run_id: str, module, telemetry, batch_size: int, class_names) -> None:
+def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_names) -> None:
     """predictions.parquet, per-class accuracy and confusion matrix as artifacts; one log_batch of metrics."""
-    import time
-
-    from mlflow.entities import Metric
-
     assert module.predictions is not None, "test loop produced no predictions"
     per_class = module.per_class_accuracy()
     now = int(time.time() * 1000)
@@ -229,11 +254,6 @@ def _log_results(client, run_id: str, module, telemetry, batch_size: int, class_
         (extra / "confusion_matrix.json").write_text(json.dumps(
             {"classes": list(class_names), "matrix": module.confusion_matrix()}))
         client.log_artifacts(run_id, str(extra), "metrics")
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,17 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     ctx = ArmContext(args.index, args.parent_run_id, args.experiment_id, args.device, args.lockstep,
                      args.world_size, args.threads)
-    from mlflow import MlflowClient
-
     run_id = create_child_run(cfg, ctx)
     try:
         run_arm(cfg, ctx, run_id)
     except BaseException as err:
-        message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {one_line(err)}"
+        message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {runs.one_line(err)}"
         if args.error_file:
             Path(args.error_file).write_text(message)
         client = MlflowClient()
-        client.set_tag(run_id, "ab.error", message[:5000])
+        client.set_tag(run_id, "ab.error", message[: runs.MAX_TAG])
         client.set_terminated(run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
         print(f"ablab: error: {message}", file=sys.stderr)
         if os.environ.get("AB_DEBUG"):

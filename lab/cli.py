@@ -1,9 +1,10 @@
-"""Command line: `python -m lab run|compare|leaderboard ...`, one to one with the MLproject entry points.
+"""Command line: `python -m lab run|compare|leaderboard|plan ...`, one to one with the MLproject entry points.
 
     python -m lab run                                   # the default A/B job (configs/default.yaml)
     python -m lab run --a resnet50 --b efficientnet_b3 --data cifar10 --pretrained true --epochs 0
     python -m lab run --arms resnet18,resnet34,mobilenetv3_large_100
     python -m lab run --help                            # every parameter
+    python -m lab plan --acc 0.95 --disagreement 0.04 --mde 0.01   # the test-set size to aim for
 
 Every config key is an option; the YAML given by --config is read first and options win. Bad input ends with
 one line on stderr and exit code 2 before any run exists; a failure after the parent run started marks it
@@ -13,17 +14,20 @@ FAILED with the reason in tag `ab.error`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from lab.config import FIELDS, Config, ConfigError, flat_params, load_config
+import numpy as np
+
+from lab import compare, compare_runs, experiment, leaderboard, report, runs, stats
+from lab.config import FIELDS, config_path, load_config
 
 DEFAULT_CONFIG = "configs/default.yaml"
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 HELP = {
     "a": "model A (the baseline): timm name, MLflow model URI, or checkpoint",
@@ -34,153 +38,99 @@ HELP = {
     "preprocess": "shared: one input size/normalisation for all; native: each timm model's own",
     "placement": "auto | parallel (one GPU per arm) | lockstep (take turns per batch) | sequential",
     "devices": "auto | cpu | GPU indices such as 0,1",
-    "rule": "superiority | non_inferiority | equivalence",
-    "margin": "non-inferiority/equivalence margin as an accuracy fraction (0.005 = half a point)",
+    "rule": "superiority | non_inferiority | equivalence | bayes",
+    "margin": "non-inferiority/equivalence margin (bayes: practical equivalence) as a fraction (0.005 = half a point)",
     "alpha": "significance level of the verdict",
+    "experiment": "MLflow experiment of the parent run; empty: $MLFLOW_EXPERIMENT_ID or $MLFLOW_EXPERIMENT_NAME, "
+                  "else ablab",
+    "log_model": "log fine-tuned weights as an MLflow model (false: only a link to the model's source)",
+    "register": "registered model name: register every arm's logged model as a version of it (with promote_alias: "
+                "the gate moves the alias to B's version on a significant win)",
+    "metric": "accuracy | balanced_accuracy | macro_f1 | top5_accuracy: what the verdict compares",
+    "group_by": "none | subfolder (imagefolder: <class>/<group>/img.png): test images in correlated groups",
+    "groups": "CSV mapping file (or sample_id) to group; whole groups are resampled",
+}
+# `compare` takes run ids as well as model specs; these replace the whole help line of the option.
+COMPARE_HELP = {
+    "a": "arm A (the baseline): a child run id, or a model spec (models:/name@alias, models:/name/3, timm name) "
+         "whose finished evaluation is reused, or evaluated here when there is none",
+    "b": "arm B: a child run id or a model spec, as for --a",
+    "arms": "comma-separated run ids or model specs for an A/B/n comparison (wins over a/b)",
+    "experiment": "experiment of the new comparison run (default: $MLFLOW_EXPERIMENT_ID or "
+                  "$MLFLOW_EXPERIMENT_NAME, else ablab)",
+    "epochs": "fine-tune epochs for arms that must be evaluated (default here: 0 = as they are)",
+    "promote_alias": "registry alias (e.g. champion) to move to B's version when the verdict says B wins",
 }
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the embedded SQLite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, replaced: dict[str, str] | None = None) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
     for f in FIELDS:
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        parser.add_argument(
-            f"--{f.name}",
-            default=None,
-            metavar="VALUE",
-            help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})",
-        )
+        text = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE", help=(replaced or {}).get(f.name, text))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
+    """The config keys given on the command line; "" (MLproject's default) means not given."""
+    return {f.name: v for f in FIELDS if (v := getattr(args, f.name)) not in (None, "")}
 
 
-def config_path(arg: str) -> Path:
-    """A config path as given, else relative to the project (so `configs/...` works from any directory)."""
-    given = Path(arg).expanduser()
-    shipped = Path(__file__).resolve().parent.parent / arg
-    return given if given.is_file() or given.is_absolute() or not shipped.is_file() else shipped
+def cmd_run(args: argparse.Namespace) -> None:
+    experiment.run(load_config(config_path(args.config), _overrides(args)))
 
 
-def fail(message: str, code: int) -> int:
-    print(f"ablab: error: {message}", file=sys.stderr)
-    return code
+def cmd_compare(args: argparse.Namespace) -> None:
+    compare_runs.compare(config_path(args.config), _overrides(args))
 
 
-def _preflight(cfg: Config) -> None:
-    """Everything that can be checked before a run exists: models, dataset (downloaded once, here)."""
-    from lab.data import resolve_dataset
-    from lab.launch import plan
-    from lab.models import preflight
-
-    for spec in cfg.arm_specs:
-        preflight(spec, cfg)
-    resolve_dataset(cfg)
-    plan(cfg, len(cfg.arm_specs))
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    leaderboard.leaderboard(load_config(config_path(args.config), _overrides(args)), args.fingerprint)
 
 
-def start_parent_run(cfg: Config, run_name: str):
-    """The run `mlflow run` created (MLFLOW_RUN_ID), else a new run in experiment `cfg.experiment`."""
-    import mlflow
+def past_disagreement(fingerprint: str) -> tuple[float, float, str]:
+    """(disagreement, median accuracy, where from): the mean share of test images on which two past evaluations
+    of different models on this dataset differ in correctness, over every pair of them."""
+    from mlflow import MlflowClient
 
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-    mlflow.set_experiment(cfg.experiment)
-    return mlflow.start_run(run_name=run_name)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fetched run is noise
+    client = MlflowClient()
+    with runs.reading_runs():
+        found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'")
+        # One evaluation per model: a model evaluated twice agrees with itself and says nothing about disagreement.
+        found = list({r.data.tags.get("ab.model_identity", r.info.run_id): r for r in found}.values())
+        if len(found) < 2:
+            raise ValueError(f"plan: need finished evaluations of at least two models on {fingerprint} to measure "
+                             f"their disagreement; found {len(found)}")
+        arms = compare.fetch_arms(client, [r.info.run_id for r in found], [r.info.run_id[:8] for r in found])
+    compare.check_comparable(arms)
+    _, _, correct = compare.align(arms)
+    pairs = list(itertools.combinations(range(correct.shape[1]), 2))
+    share = float(np.mean([np.mean(correct[:, i] != correct[:, j]) for i, j in pairs]))
+    source = (f"{len(pairs)} pair{'' if len(pairs) == 1 else 's'} of {len(arms)} evaluated models on {fingerprint} "
+              f"({correct.shape[0]:,} images)")
+    return share, float(np.median(correct.mean(axis=0))), source
 
 
-def end_failed(run_id: str, message: str, status: str = "FAILED") -> None:
-    """Record why, and end the active parent run (else MLflow's exit hook would mark it FINISHED)."""
-    import mlflow
-
-    mlflow.MlflowClient().set_tag(run_id, "ab.error", message[:5000])
-    mlflow.end_run(status)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(config_path(args.config), _overrides(args))
-    except ConfigError as err:
-        return fail(str(err), EXIT_BAD_INPUT)
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-    try:
-        _preflight(cfg)
-        from lab import history, registry
-
-        registry.check_promotable(cfg)
-        reused = history.reusable_arms(cfg)  # arm index -> finished child run that evaluated it the same way
-    except ValueError as err:  # ConfigError, DataError, ModelError: all one-line messages
-        return fail(str(err), EXIT_BAD_INPUT)
-
-    import mlflow
-
-    from lab.compare import analyse, fetch_arms, log_comparison
-    from lab.launch import plan
-
-    p = plan(cfg, len(cfg.arm_specs))
-    run = start_parent_run(cfg, " vs ".join(cfg.arm_specs))
-    run_id, experiment_id = run.info.run_id, run.info.experiment_id
-    try:
-        # Prefixed: `mlflow run` has already logged the raw -P values ("" = from the YAML) under the plain names.
-        mlflow.log_params({f"config.{k}": v for k, v in flat_params(cfg).items()})
-        mlflow.set_tags(
-            {
-                "ab.role": "parent",
-                "ab.placement": p.placement,
-                "ab.device_kind": p.device,
-                "ab.arms": ",".join(cfg.arm_names),
-            }
-        )
-        mlflow.log_text(cfg.to_yaml(), "config.yaml")
-        with tempfile.TemporaryDirectory(prefix="ablab-") as tmp:
-            cfg_path = Path(tmp) / "config.yaml"
-            cfg_path.write_text(cfg.to_yaml())
-            print(
-                f"ablab: {len(cfg.arm_specs)} arms ({', '.join(cfg.arm_specs)}) on {p.device}, "
-                f"placement={p.placement}; parent run {run_id}",
-                file=sys.stderr,
-            )
-            todo = [i for i in range(len(cfg.arm_specs)) if i not in reused]
-            outcomes = history.evaluate(cfg, cfg_path, run_id, experiment_id, tracking_uri(), p, todo)
-            failed = [o for o in outcomes if o.returncode != 0 or o.run_id is None]
-            if failed:
-                message = "; ".join(o.error or f"arm {o.name} failed" for o in failed)
-                end_failed(run_id, message)
-                return fail(message, EXIT_FAILED)
-            client = mlflow.MlflowClient()
-            run_ids = {o.index: o.run_id for o in outcomes} | {i: r.info.run_id for i, r in reused.items()}
-            arms = fetch_arms(client, [run_ids[i] for i in range(len(cfg.arm_specs))], list(cfg.arm_names))
-            history.mark_reused(client, run_id, arms, reused)
-            from lab.data import resolve_dataset
-
-            summary = analyse(cfg, arms, resolve_dataset(cfg).class_names)
-            log_comparison(client, run_id, cfg, summary, Path(tmp) / "comparison")
-            if cfg.promote_alias:
-                registry.promote(client, run_id, cfg.promote_alias, summary, arms)
-    except KeyboardInterrupt:
-        end_failed(run_id, "interrupted", "KILLED")
-        return fail("interrupted", 130)
-    except Exception as err:
-        from lab.arm import one_line
-
-        end_failed(run_id, one_line(err))
-        if os.environ.get("AB_DEBUG"):
-            raise
-        return fail(one_line(err), EXIT_FAILED)
-    mlflow.end_run("FINISHED")
-    print(summary["sentence"])
-    print(
-        f"ablab: verdict {summary['verdict']}; report: comparison/report.html in run {run_id} "
-        f"(mlflow ui --backend-store-uri {tracking_uri()}, then #/experiments/{experiment_id}/runs/{run_id})",
-        file=sys.stderr,
-    )
-    return 0
+def cmd_plan(args: argparse.Namespace) -> None:
+    """The test-set size at 80% and 90% power for the paired exact test; "" (MLproject's default) = not given."""
+    given = {}
+    for key in ("acc", "disagreement", "mde", "alpha"):
+        if (value := getattr(args, key)) not in (None, ""):
+            try:
+                given[key] = float(value)
+            except ValueError:
+                raise ValueError(f"plan: --{key} expects a number, got {value!r}") from None
+    source = "given"
+    if args.fingerprint:
+        if "disagreement" in given:
+            raise ValueError("plan: give --disagreement or --fingerprint (which measures it), not both")
+        given["disagreement"], acc, source = past_disagreement(args.fingerprint)
+        given.setdefault("acc", acc)
+    missing = [k for k in ("acc", "disagreement", "mde") if k not in given]
+    if missing:
+        raise ValueError(f"plan: --{' and --'.join(missing)} needed (or --fingerprint for acc and disagreement)")
+    print("\n".join(report.plan_lines(stats.plan(**given), source)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,12 +141,44 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an A/B(/n) experiment: one child run per arm, a parent comparison")
     _add_config_options(run)
     run.set_defaults(func=cmd_run)
-    from lab import history
-
-    history.add_commands(sub, _add_config_options, _overrides)
+    compare = sub.add_parser("compare", help="compare existing evaluations (run ids or registered models) in a "
+                                             "new parent run")
+    _add_config_options(compare, COMPARE_HELP)
+    compare.set_defaults(func=cmd_compare)
+    board = sub.add_parser("leaderboard", help="rank every finished evaluation on one test set, across experiments")
+    board.add_argument("--fingerprint", default="", help="dataset fingerprint (sha256:...); default: computed "
+                                                         "from --data/--seed/... as `run` would")
+    _add_config_options(board)
+    board.set_defaults(func=cmd_leaderboard)
+    plan = sub.add_parser("plan", help="test-set size needed to detect a difference (paired exact McNemar test)")
+    for name, text in [("acc", "accuracy of the baseline A, e.g. 0.95"),
+                       ("disagreement", "share of test images on which A and B differ in correctness, e.g. 0.04"),
+                       ("mde", "smallest accuracy gain of B to detect, e.g. 0.01 (one point)"),
+                       ("alpha", "two-sided significance level (default 0.05)"),
+                       ("fingerprint", "dataset fingerprint (sha256:...): measure disagreement (and acc) on past "
+                                       "evaluations of that test set")]:  # fmt: skip
+        plan.add_argument(f"--{name}", default="", metavar="VALUE", help=text)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
+def fail(message: str, code: int) -> int:
+    print(f"ablab: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the command, and map its exceptions to one line on stderr and an exit code."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    runs.export_tracking_uri()
+    try:
+        args.func(args)
+    except runs.RunFailed as err:  # the parent run exists and has been ended FAILED or KILLED
+        if err.interrupted:
+            return fail("interrupted", EXIT_INTERRUPTED)
+        if os.environ.get("AB_DEBUG"):
+            raise
+        return fail(str(err), EXIT_FAILED)
+    except ValueError as err:  # before any run: ConfigError, ModelError, DataError, ComparisonError, unreadable runs
+        return fail(str(err), EXIT_BAD_INPUT)
+    return 0

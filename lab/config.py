@@ -1,17 +1,19 @@
 """The typed experiment config: one frozen dataclass, its defaults, and the one place it is validated.
 
 A config is built from `configs/default.yaml`-style YAML files (only the keys that differ from the defaults)
-with command-line overrides applied on top. An unknown key, a wrong type or an out-of-range value raises
-`ConfigError` naming the key and what is allowed; nothing downstream re-validates.
+with command-line overrides applied on top. An unknown key, a wrong type, an out-of-range value or keys that
+do not go together (a margin under the superiority rule, a promotion gate without a registered B) raise
+`ConfigError` naming the key and the fix; nothing downstream re-validates.
 
-    from lab.config import load_config
-    cfg = load_config("configs/default.yaml", {"epochs": "2", "b": "efficientnet_b3"})
+    from lab.config import config_path, load_config
+    cfg = load_config(config_path("configs/default.yaml"), {"epochs": "2", "b": "efficientnet_b3"})
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +23,17 @@ import yaml
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id, as `compare` takes for an arm
 
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and what is allowed."""
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class Config:
     a: str = "resnet18"
     b: str = "mobilenetv3_small_100"
     arms: tuple[str, ...] = ()
-    experiment: str = "ablab"
+    experiment: str = ""  # "": $MLFLOW_EXPERIMENT_ID or $MLFLOW_EXPERIMENT_NAME, else `ablab` (lab/runs.py)
 
     # Data.
     data: str = "digits"
@@ -76,15 +81,21 @@ class Config:
     lockstep_timeout_s: float = field(default=900.0, metadata=_range(1.0))
 
     # Statistics.
-    alpha: float = field(default=0.05, metadata=_range(0.0, 0.5, lo_open=True))
-    rule: Literal["superiority", "non_inferiority", "equivalence"] = "superiority"
-    margin: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    alpha: float = field(default=0.05, metadata=_range(0.0, 0.5, lo_open=True, hi_open=True))
+    rule: Literal["superiority", "non_inferiority", "equivalence", "bayes"] = "superiority"
+    margin: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy"] = "accuracy"
+    # Test images in groups (frames of a video, crops of a scene): whole groups are resampled.
+    group_by: Literal["none", "subfolder"] = "none"
+    groups: str = ""  # a CSV mapping file (or sample_id) to group
     mcnemar_method: Literal["exact", "midp", "chi2", "chi2_corrected"] = "exact"
     n_resamples: int = field(default=10_000, metadata=_range(100, 10_000_000))
 
     # Teams and history.
     rerun: bool = False
     promote_alias: str = ""
+    log_model: bool = True  # fine-tuned weights as an MLflow logged model (false: only a link to the source)
+    register: str = ""  # registered model name for every arm's logged model (and the promotion gate's B)
 
     @property
     def arm_specs(self) -> tuple[str, ...]:
@@ -96,9 +107,8 @@ class Config:
         """Short arm names: `a`, `b` for the two-arm shorthand, the spec's last path part otherwise."""
         if not self.arms:
             return ("a", "b")
-        names = [arm_name(spec) for spec in self.arms]
         # Same model twice (e.g. two checkpoints of one architecture): keep names unique.
-        return tuple(n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names))
+        return tuple(unique_names([arm_name(spec) for spec in self.arms]))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in FIELDS}
@@ -117,6 +127,18 @@ def arm_name(spec: str) -> str:
     tail = spec.rstrip("/").split("/")[-1].split(":")[-1]
     tail = tail.rsplit(".", 1)[0] if tail.endswith((".ckpt", ".pt", ".pth", ".safetensors")) else tail
     return "".join(ch if ch.isalnum() or ch in "_-.@" else "_" for ch in tail) or "arm"
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Names that occur more than once get their position appended (`resnet18_0`, `resnet18_1`)."""
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def config_path(arg: str) -> Path:
+    """A config path as given, else relative to the project (so `configs/...` works from any directory)."""
+    given = Path(arg).expanduser()
+    shipped = PROJECT_ROOT / arg
+    return given if given.is_file() or given.is_absolute() or not shipped.is_file() else shipped
 
 
 def _parse_bool(key: str, value: Any) -> bool:
@@ -174,11 +196,12 @@ def _check_range(key: str, value: Any) -> None:
     meta = FIELD_BY_NAME[key].metadata
     if not meta:
         return
-    lo, hi, lo_open = meta["lo"], meta["hi"], meta["lo_open"]
+    lo, hi, lo_open, hi_open = meta["lo"], meta["hi"], meta["lo_open"], meta["hi_open"]
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
-    if too_low or (hi is not None and value > hi):
-        left = "(" if lo_open else "["
-        raise ConfigError(f"{key}: {value} is out of range; allowed {left}{lo}, {'inf' if hi is None else hi}]")
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ConfigError(f"{key}: {value} is out of range; allowed {left}{lo}, {'inf' if hi is None else hi}{right}")
 
 
 def _check_whole(cfg: Config) -> None:
@@ -191,8 +214,35 @@ def _check_whole(cfg: Config) -> None:
         raise ConfigError("mean/std: expected three numbers each (RGB), std > 0")
     if cfg.rule == "equivalence" and cfg.margin == 0.0:
         raise ConfigError("margin: the equivalence rule needs margin > 0 (a fraction, e.g. 0.005 = half a point)")
+    if cfg.rule == "superiority" and cfg.margin != 0.0:
+        raise ConfigError(f"margin: the superiority rule takes no margin (got {cfg.margin}); set margin=0, or "
+                          "rule=non_inferiority or equivalence to test against a margin")
+    if cfg.rule == "bayes" and cfg.metric != "accuracy":
+        raise ConfigError(f"rule: bayes reads the accuracy difference only (metric={cfg.metric}); use metric=accuracy "
+                          "or another rule")
+    if cfg.group_by != "none" and cfg.groups:
+        raise ConfigError(f"groups: give group_by=subfolder or groups=<csv>, not both (got {cfg.group_by!r} and "
+                          f"{cfg.groups!r})")
     if cfg.devices not in ("auto", "cpu") and not all(p.strip().isdigit() for p in cfg.devices.split(",")):
         raise ConfigError(f"devices: {cfg.devices!r} is not allowed; use auto, cpu or GPU indices like 0,1")
+    _check_promotable(cfg)
+
+
+def _check_promotable(cfg: Config) -> None:
+    """A promotion gate needs an A/B whose B is a registry URI (`run`), a child run id (`compare` checks that
+    run's model when it promotes), or any arm whose logged model `register` registers."""
+    if cfg.register and any(ch in cfg.register for ch in "/@:'\"\\"):
+        raise ConfigError(f"register: {cfg.register!r} is not a registered model name; leave out / @ : and quotes")
+    if cfg.register and cfg.epochs > 0 and not cfg.log_model:
+        raise ConfigError("register: log_model=false logs no fine-tuned weights to register; set log_model=true")
+    if not cfg.promote_alias:
+        return
+    if len(cfg.arm_specs) != 2:
+        raise ConfigError(f"promote_alias: the promotion gate needs exactly two arms (A, B); got {len(cfg.arm_specs)}")
+    b = cfg.arm_specs[1]
+    if not b.startswith("models:/") and not RUN_ID.fullmatch(b) and not cfg.register:
+        raise ConfigError(f"promote_alias: B must be a registered model (models:/name@alias or models:/name/<version>)"
+                          f", got {b!r}; or set register=<name> to register the arms' logged models")
 
 
 def build_config(values: dict[str, Any]) -> Config:

@@ -1,4 +1,5 @@
-"""Place arms on devices, start one process per arm, wait, and collect their child run ids.
+"""Place arms on devices, start one process per arm (all of them, or only those not reused), wait, and
+collect their child run ids.
 
 Placement:
 - `parallel`: every arm at the same time on its own GPU (CUDA_VISIBLE_DEVICES narrowed to it);
@@ -10,14 +11,20 @@ Placement:
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow import MlflowClient
+
+from lab import runs
 from lab.config import Config
 
 
@@ -41,7 +48,7 @@ class ArmOutcome:
 def visible_gpus(cfg: Config) -> tuple[str, ...]:
     if cfg.devices == "cpu":
         return ()
-    import torch
+    import torch  # only here: the CLI's light paths (help, bad input, compare of run ids) never load torch
 
     count = torch.cuda.device_count()
     if cfg.devices == "auto":
@@ -68,17 +75,19 @@ def plan(cfg: Config, n_arms: int, gpus: tuple[str, ...] | None = None) -> Plan:
     return Plan(placement, "cuda", gpus[:n_arms] if placement == "parallel" else gpus[:1], 0)
 
 
-def _arm_command(cfg_path: Path, index: int, parent_run_id: str, experiment_id: str, p: Plan,
-                 error_file: Path, lockstep: str | None, world: int) -> list[str]:
+def arm_command(cfg_path: Path, index: int, parent_run_id: str, experiment_id: str, p: Plan,
+                error_file: Path, lockstep: str | None, world: int) -> list[str]:
+    """The command line of one arm process (lab/arm.py)."""
     cmd = [sys.executable, "-m", "lab.arm", "--config", str(cfg_path), "--index", str(index),
            "--parent-run-id", parent_run_id, "--experiment-id", experiment_id, "--device", p.device,
            "--threads", str(p.threads), "--error-file", str(error_file), "--world-size", str(world)]
     return cmd + (["--lockstep", lockstep] if lockstep else [])
 
 
-def _arm_env(p: Plan, index: int, tracking_uri: str) -> dict[str, str]:
+def arm_env(p: Plan, index: int) -> dict[str, str]:
+    """The environment of one arm process: this one's, without the parent's run, narrowed to its GPU."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["MLFLOW_TRACKING_URI"] = runs.tracking_uri()
     env["AB_PLACEMENT"] = p.placement
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH")]))
@@ -90,9 +99,6 @@ def _arm_env(p: Plan, index: int, tracking_uri: str) -> dict[str, str]:
 def _die_with_parent() -> None:
     """In the child, before exec: on Linux, get SIGKILL when the launcher dies, however it dies."""
     if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
@@ -109,55 +115,65 @@ def _stop(procs, grace_s: float = 10.0) -> None:
             proc.wait()
 
 
-def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str, tracking_uri: str,
-             p: Plan) -> list[ArmOutcome]:
-    """Start the arms as `p` says and wait for all of them; a failed arm never stops the others."""
-    from mlflow import MlflowClient
+def subset_plan(p: Plan) -> Plan:
+    """Some arms only (the others reused): one after the other on the plan's first device. The reused arms
+    were measured in another job, so there is no same-batch latency pairing to keep."""
+    return Plan("sequential", p.device, p.gpus[:1], (os.cpu_count() or 1) if p.device == "cpu" else 0)
 
+
+def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str, p: Plan,
+             indices: Sequence[int] | None = None) -> list[ArmOutcome]:
+    """Start the arms at `indices` (default: all, placed as `p` says) as child runs of the parent and wait for
+    all of them; a failed arm never stops the others. A subset runs as `subset_plan(p)`."""
     names = cfg.arm_names
-    n = len(names)
-    tmp = Path(tempfile.mkdtemp(prefix="ablab-arms-"))
-    errors = [tmp / f"arm{i}.err" for i in range(n)]
+    everything = list(range(len(names)))
+    indices = everything if indices is None else list(indices)
+    if not indices:
+        return []
+    world = len(names)
+    if indices != everything:
+        p, world = subset_plan(p), 1
     server = None
     if p.placement == "lockstep":
-        from callbacks.lockstep import LockstepServer
+        from callbacks.lockstep import LockstepServer  # torch: imported only when arms take turns
 
-        server = LockstepServer(world_size=n)
-
-    def start(i: int) -> subprocess.Popen:
-        address = server.address if server else None
-        cmd = _arm_command(cfg_path, i, parent_run_id, experiment_id, p, errors[i], address, n)
-        procs[i] = subprocess.Popen(cmd, env=_arm_env(p, i, tracking_uri), preexec_fn=_die_with_parent)
-        return procs[i]
-
+        server = LockstepServer(world_size=world)
     procs: dict[int, subprocess.Popen] = {}
     codes: dict[int, int] = {}
-    try:
-        if p.placement == "sequential":
-            for i in range(n):
-                codes[i] = start(i).wait()
-        else:
-            for i in range(n):
-                start(i)
-            while len(codes) < n:
-                for i, proc in procs.items():
-                    if i not in codes and proc.poll() is not None:
-                        codes[i] = proc.returncode
-                        if server is not None:
-                            server.reap(i)  # a dead arm must not keep the others waiting for its turn
-                time.sleep(0.2)
-    finally:
-        _stop(procs.values())  # interrupted (Ctrl-C, an exception): no arm outlives the launcher
-        if server is not None:
-            server.close()
+    with tempfile.TemporaryDirectory(prefix="ablab-arms-") as tmp:
+        errors = {i: Path(tmp) / f"arm{i}.err" for i in indices}
 
-    runs = MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`ab.role` = 'child'")
-    by_index = {int(r.data.tags.get("ab.arm_index", -1)): r.info.run_id for r in runs}
-    outcomes = []
-    for i, name in enumerate(names):
-        err = errors[i].read_text().strip() if errors[i].exists() else ""
-        if codes[i] != 0 and not err:
-            err = f"arm {name} exited with code {codes[i]}"
-        outcomes.append(ArmOutcome(i, name, by_index.get(i), codes[i], err))
-    return outcomes
+        def start(i: int) -> subprocess.Popen:
+            cmd = arm_command(cfg_path, i, parent_run_id, experiment_id, p, errors[i],
+                              server.address if server else None, world)
+            procs[i] = subprocess.Popen(cmd, env=arm_env(p, i), preexec_fn=_die_with_parent)
+            return procs[i]
+
+        try:
+            if p.placement == "sequential":
+                for i in indices:
+                    codes[i] = start(i).wait()
+            else:
+                for i in indices:
+                    start(i)
+                _wait_all(procs, codes, server)
+        finally:
+            _stop(procs.values())  # interrupted (Ctrl-C, an exception): no arm outlives the launcher
+            if server is not None:
+                server.close()
+        messages = {i: errors[i].read_text().strip() if errors[i].exists() else "" for i in indices}
+    by_index = runs.children_of(MlflowClient(), experiment_id, parent_run_id)
+    return [ArmOutcome(i, names[i], by_index.get(i), codes[i],
+                       messages[i] or (f"arm {names[i]} exited with code {codes[i]}" if codes[i] else ""))
+            for i in indices]
+
+
+def _wait_all(procs: dict[int, subprocess.Popen], codes: dict[int, int], server) -> None:
+    """Poll the arms running at once until every one has exited; a dead arm gives up its lockstep turns."""
+    while len(codes) < len(procs):
+        for i, proc in procs.items():
+            if i not in codes and proc.poll() is not None:
+                codes[i] = proc.returncode
+                if server is not None:
+                    server.reap(i)  # a dead arm must not keep the others waiting for its turn
+        time.sleep(0.2)

@@ -9,19 +9,20 @@ comparisons with the best). Logged as an MLflow table (leaderboard.json) in a ne
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from statsmodels.stats.multitest import multipletests
 
-from lab import stats
-from lab.compare import Arm, align, check_comparable
-from lab.config import Config, load_config
-from lab.history import mlflow_error_line, search_children, unique_names
+from lab import runs, stats
+from lab.compare import Arm, align, check_comparable, fetch_arms
+from lab.config import Config, unique_names
 
 FINGERPRINT = re.compile(r"sha256:[0-9a-f]{8,64}")
 
@@ -38,8 +39,6 @@ def leaderboard_table(arms: list[Arm], context: dict[str, dict[str, Any]] | None
     `method`; the k - 1 p-values are Holm-adjusted (statsmodels `multipletests`), and `worse_than_best` is
     adjusted p < `alpha`.
     """
-    from statsmodels.stats.multitest import multipletests
-
     if not arms:
         raise ValueError("leaderboard needs at least one evaluation; got none")
     if len(arms) > 1:
@@ -97,53 +96,16 @@ def format_table(table: pd.DataFrame) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def cmd_leaderboard(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+def leaderboard(cfg: Config, fingerprint: str = "") -> pd.DataFrame:
     """`python -m lab leaderboard`: every FINISHED evaluation on one test set, ranked, logged as a table."""
-    from lab import cli
-
-    os.environ["MLFLOW_TRACKING_URI"] = cli.tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fetched run is noise
-    try:
-        cfg = load_config(cli.config_path(args.config), overrides)
-        fingerprint = args.fingerprint
+    with runs.reading_runs():
         if fingerprint and not FINGERPRINT.fullmatch(fingerprint):
             raise ValueError(f"fingerprint: {fingerprint!r} is not a dataset fingerprint (sha256:<32 hex digits>, "
                              "tag ab.dataset_fingerprint of a child run)")
-        if not fingerprint:
-            from lab.data import resolve_dataset
-
-            fingerprint = resolve_dataset(cfg).fingerprint
-        import mlflow
-
-        from lab.compare import fetch_arms
-
-        client = mlflow.MlflowClient()
-        runs = search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'")
-        if not runs:
-            raise ValueError(f"no FINISHED ablab evaluation on dataset fingerprint {fingerprint} in any "
-                             "experiment you can read")
-        arms = fetch_arms(client, [r.info.run_id for r in runs], unique_names([r.info.run_id[:8] for r in runs]))
-        experiments = {eid: client.get_experiment(eid).name for eid in {r.info.experiment_id for r in runs}}
-        context = {r.info.run_id: {"experiment": experiments[r.info.experiment_id],
-                                   "epochs": r.data.params.get("epochs", "")} for r in runs}
-        table = leaderboard_table(arms, context, alpha=cfg.alpha, method=cfg.mcnemar_method)
-    except ValueError as err:  # ConfigError, DataError, ComparisonError
-        return cli.fail(str(err), cli.EXIT_BAD_INPUT)
-    except Exception as err:  # MlflowException, connection errors: one line, no trace
-        if os.environ.get("AB_DEBUG"):
-            raise
-        return cli.fail(mlflow_error_line(err, "tracking server"), cli.EXIT_BAD_INPUT)
-    return _log_leaderboard(cfg, fingerprint, table)
-
-
-def _log_leaderboard(cfg: Config, fingerprint: str, table: pd.DataFrame) -> int:
-    import mlflow
-
-    from lab import cli
-    from lab.arm import one_line
-
-    run = cli.start_parent_run(cfg, f"leaderboard {fingerprint.removeprefix('sha256:')[:12]}")
-    try:
+        fingerprint = fingerprint or _fingerprint_of(cfg)
+        table = _rank(cfg, fingerprint)
+    with runs.parent_run(cfg.experiment, f"leaderboard {fingerprint.removeprefix('sha256:')[:12]}") as run:
         mlflow.set_tags({"ab.role": "leaderboard", "ab.dataset_fingerprint": fingerprint,
                          "ab.leaderboard_best": table.iloc[0]["model"], "ab.leaderboard_size": str(len(table))})
         # Prefixed as in `run`: `mlflow run -e leaderboard` has already logged the raw -P values (fingerprint "").
@@ -152,11 +114,28 @@ def _log_leaderboard(cfg: Config, fingerprint: str, table: pd.DataFrame) -> int:
         mlflow.log_table(table, "leaderboard.json")
         text = format_table(table)
         mlflow.log_text(text + "\n", "leaderboard.txt")
-    except Exception as err:  # never leave the run RUNNING
-        cli.end_failed(run.info.run_id, one_line(err))
-        return cli.fail(one_line(err), cli.EXIT_FAILED)
-    mlflow.end_run("FINISHED")
     print(text)
     print(f"ablab: {len(table)} evaluations on {fingerprint}; table leaderboard.json in run {run.info.run_id}",
           file=sys.stderr)
-    return 0
+    return table
+
+
+def _fingerprint_of(cfg: Config) -> str:
+    """The fingerprint of the test set the config's data keys give, as `run` would compute it."""
+    from lab.data import resolve_dataset  # torch: only when no --fingerprint is given
+
+    return resolve_dataset(cfg).fingerprint
+
+
+def _rank(cfg: Config, fingerprint: str) -> pd.DataFrame:
+    """The table of every FINISHED child run on `fingerprint`, in every experiment this user can read."""
+    client = MlflowClient()
+    found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'")
+    if not found:
+        raise ValueError(f"no FINISHED ablab evaluation on dataset fingerprint {fingerprint} in any "
+                         "experiment you can read")
+    arms = fetch_arms(client, [r.info.run_id for r in found], unique_names([r.info.run_id[:8] for r in found]))
+    experiments = {eid: client.get_experiment(eid).name for eid in {r.info.experiment_id for r in found}}
+    context = {r.info.run_id: {"experiment": experiments[r.info.experiment_id],
+                               "epochs": r.data.params.get("epochs", "")} for r in found}
+    return leaderboard_table(arms, context, alpha=cfg.alpha, method=cfg.mcnemar_method)

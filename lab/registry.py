@@ -1,13 +1,20 @@
-"""The promotion gate: after an A/B between registered models, move an alias (e.g. `champion`) to B's version
-only when the verdict under the chosen rule says B wins; the parent run records what happened either way.
+"""Registration and the promotion gate: register each arm's logged model as a version of one registered model
+(at most once per model), and after an A/B move an alias (e.g. `champion`) to B's version only when the verdict
+under the chosen rule says B wins; the parent run records what happened either way.
 
     python -m lab run --a models:/clf@champion --b models:/clf/7 --promote_alias champion
     python -m lab compare --a <child run id> --b models:/clf@challenger --promote_alias champion
+    python -m lab run --a mobilenetv3_small_100 --b resnet18 --register clf --promote_alias champion
 
-B's version is read from its child run's `ab.model_identity` (`models:/name/<version>`), the version that was
-actually evaluated, even if an alias moved while the job ran. Tags on the parent: `ab.promotion` = moved | kept,
-`ab.promotion_alias` (`name@alias`), `ab.promotion_from` / `ab.promotion_to` (versions, `none` when the alias
-did not exist), `ab.promotion_reason`.
+`register_arms` tags the parent `ab.registered.<arm>` (`name/version`, or why none) and each registered child
+`ab.registered.<name>` = version, which is how a later `compare` of `models:/name@champion` finds (lab/history.py)
+the evaluation that produced that version.
+
+B's version is the one `register_arms` gave its logged model, else read from its child run's `ab.model_identity`
+(`models:/name/<version>`), the version that was actually evaluated, even if an alias moved while the job ran.
+Tags on the parent: `ab.promotion` = moved | kept, `ab.promotion_alias` (`name@alias`), `ab.promotion_from` /
+`ab.promotion_to` (versions, `none` when the alias did not exist), `ab.promotion_reason`. Whether a config may
+promote at all (two arms, B registered or `register` set) is checked when it loads (lab/config.py).
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from __future__ import annotations
 import re
 import sys
 from typing import Any
+
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
 
 from lab.compare import Arm
 
@@ -43,12 +53,55 @@ def decide_promotion(verdict: str, n_arms: int, b_version: tuple[str, str] | Non
     return True, f"verdict {verdict}"
 
 
-def promote(client, parent_run_id: str, alias: str, summary: dict[str, Any], arms: list[Arm]) -> dict[str, str]:
-    """Apply the gate: move `alias` on B's registered model to B's version, or keep it; tag the parent."""
-    from mlflow.entities import RunTag
-    from mlflow.exceptions import MlflowException
+def find_version(client, name: str, model_id: str) -> str | None:
+    """The version of `name` already registered from the logged model `model_id`, or None."""
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.model_id == model_id or version.source == f"models:/{model_id}":
+            return str(version.version)
+    return None
 
-    b_version = registry_version(arms[-1]) if arms else None
+
+def register_arm(client, name: str, arm: Arm) -> tuple[str | None, str]:
+    """(version, how) for one arm: its own version when it evaluated `name`'s registry version, the version
+    already registered from its logged model, or a new one; (None, why) when it logged no weights."""
+    own = registry_version(arm)
+    if own is not None and own[0] == name:
+        return own[1], "evaluated as this version"
+    model_id, fmt = arm.tags.get("ab.logged_model"), arm.tags.get("ab.logged_model_format", "")
+    if not model_id or fmt not in ("pt2", "safetensors"):
+        return None, "no weights logged (scored as it is, or log_model=false)" if model_id else "no logged model"
+    if (found := find_version(client, name, model_id)) is not None:
+        return found, "registered before"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, f"models:/{model_id}", run_id=arm.run_id, model_id=model_id)
+    return str(version.version), "registered now"
+
+
+def register_arms(client, parent_run_id: str, name: str, arms: list[Arm]) -> dict[int, tuple[str, str]]:
+    """Register every arm's logged model as a version of `name` (at most once per model); arm index ->
+    (name, version) for those that have one. Tags the parent and each registered child."""
+    versions, tags = {}, []
+    for i, arm in enumerate(arms):
+        version, how = register_arm(client, name, arm)
+        tags.append(RunTag(f"ab.registered.{arm.name}", f"{name}/{version}" if version else f"none: {how}"))
+        if version is not None:
+            versions[i] = (name, version)
+            client.set_tag(arm.run_id, f"ab.registered.{name}", version)
+        where = f"models:/{name}/{version}" if version else "not registered"
+        print(f"ablab: arm {arm.name}: {where} ({how})", file=sys.stderr)
+    client.log_batch(parent_run_id, tags=[RunTag("ab.register", name), *tags])
+    return versions
+
+
+def promote(client, parent_run_id: str, alias: str, summary: dict[str, Any], arms: list[Arm],
+            b_version: tuple[str, str] | None = None) -> dict[str, str]:
+    """Apply the gate: move `alias` on B's registered model to B's version (`b_version` when registration gave
+    it one, else the registry version B evaluated), or keep it; tag the parent."""
+    b_version = b_version or (registry_version(arms[-1]) if arms else None)
     current = None
     if b_version is not None:
         try:
@@ -69,16 +122,3 @@ def promote(client, parent_run_id: str, alias: str, summary: dict[str, Any], arm
           f" ({reason})", file=sys.stderr)
     return tags
 
-
-def check_promotable(cfg) -> None:
-    """At load: a promotion gate needs an A/B whose B is a registry URI (`run`; `compare` checks B's run)."""
-    from lab.config import ConfigError
-
-    if not cfg.promote_alias:
-        return
-    if len(cfg.arm_specs) != 2:
-        raise ConfigError(f"promote_alias: the promotion gate needs exactly two arms (A, B); got {len(cfg.arm_specs)}")
-    b = cfg.arm_specs[1]
-    if not b.startswith("models:/") and not re.fullmatch(r"[0-9a-f]{32}", b):
-        raise ConfigError(f"promote_alias: B must be a registered model (models:/name@alias or models:/name/<version>)"
-                          f", got {b!r}")

@@ -53,6 +53,15 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         mlflow.end_run()
 
 
+def write_safetensors(module, arch: str, path: Path) -> Path:
+    """A checkpoint as lab.models reads `<path>.safetensors`: the weights, and the timm architecture in metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={"arch": arch})
+    return path
+
+
 def subprocess_env(uri: str) -> dict[str, str]:
     # No run or experiment inherited from this process (mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN", "MLFLOW_EXPERIMENT"))}

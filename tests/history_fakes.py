@@ -1,5 +1,6 @@
-"""Fake ablab evaluations for the history tests: child runs carrying the tags, params and predictions an arm
-logs, made in milliseconds without a model. Shared by test_history, test_server, test_ui and test_concurrency."""
+"""Fake ablab evaluations: child runs carrying the tags, params and predictions an arm logs, made in milliseconds
+without a model, and `FakeArms`, which stands in for lab.launch.run_arms the same way. Shared by test_history,
+test_experiment, test_compare_runs, test_leaderboard, test_registry, test_runs, test_server and test_ui."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from conftest import FAST_ARGS
 
 from lab.compare import Arm
+from lab.config import Config, flat_params, load_config
+from lab.launch import ArmOutcome
 
 FINGERPRINT = "sha256:" + "ab" * 16
 PREPROCESS = "size=32 interp=bilinear crop=1 mean=0.485,0.456,0.406 std=0.229,0.224,0.225"
@@ -64,3 +68,59 @@ def log_child(client, experiment_id: str, frame: pd.DataFrame, *, model: str = "
         client.log_artifact(run_id, str(path), "predictions")
     client.set_terminated(run_id, status)
     return run_id
+
+
+# ---- fakes on the FAST_ARGS test set (tests/conftest.py), where the arms of `run` would score --------------
+
+
+def fast_cfg(**changes: str) -> Config:
+    values = dict(zip(FAST_ARGS[::2], FAST_ARGS[1::2], strict=True))
+    return load_config(None, {k.removeprefix("--"): v for k, v in values.items()} | changes)
+
+
+def fast_dataset() -> tuple[str, np.ndarray, np.ndarray, str]:
+    """(fingerprint, test ids, test labels, shared preprocessing) of the FAST_ARGS dataset."""
+    from lab.data import resolve_dataset  # torch: only the tests that need the real test set load it
+    from lab.models import preprocess_for
+
+    cfg = fast_cfg()
+    info = resolve_dataset(cfg)
+    return info.fingerprint, info.test.sample_ids, info.test.labels, preprocess_for(cfg, None).describe()
+
+
+def log_fast_child(client, experiment_id: str, accuracy: float, identity: str, seed: int = 0, **kw) -> str:
+    """A fake child on the FAST_ARGS test set, as an arm of that config would log it."""
+    fp, ids, labels, pre = fast_dataset()
+    frame = predictions(labels, correct_mask(len(labels), accuracy, seed), ids, num_classes=10)
+    params = {k: v for k, v in flat_params(fast_cfg()).items() if k not in ("a", "b")}
+    return log_child(client, experiment_id, frame, identity=identity, params=params,
+                     **{"ab.dataset_fingerprint": fp, "ab.preprocess": pre, "ab.num_classes": "10"} | kw)
+
+
+class FakeArms:
+    """Stands in for lab.launch.run_arms: logs the child runs the arms would (on the FAST_ARGS test set, with the
+    identity lab.models gives the spec), and records which arms it was asked for. `fail` names arms that fail."""
+
+    def __init__(self, accuracy: float = 0.5, fail: tuple[int, ...] = ()) -> None:
+        self.calls: list[list[int]] = []
+        self.configs: list[Config] = []
+        self.accuracy, self.fail = accuracy, fail
+
+    def __call__(self, cfg, cfg_path, parent_run_id, experiment_id, p, indices=None) -> list[ArmOutcome]:
+        from mlflow import MlflowClient
+
+        from lab.models import expected_identity
+
+        indices = list(range(len(cfg.arm_specs))) if indices is None else list(indices)
+        self.calls.append(indices)
+        self.configs.append(cfg)
+        outcomes = []
+        for i in indices:
+            name, spec = cfg.arm_names[i], cfg.arm_specs[i]
+            if i in self.fail:
+                outcomes.append(ArmOutcome(i, name, None, 1, f"arm {name} ({spec}): RuntimeError: boom"))
+                continue
+            run_id = log_fast_child(MlflowClient(), experiment_id, self.accuracy, expected_identity(spec, cfg, 10),
+                                    seed=i, parent_run_id=parent_run_id, arm=name, model=spec)
+            outcomes.append(ArmOutcome(i, name, run_id, 0, ""))
+        return outcomes

@@ -21,7 +21,7 @@ from torch import nn
 
 from lab import arm
 from lab.config import Config, build_config
-from lab.models import ResolvedModel
+from lab.models import ArmModule, ResolvedModel, preprocess_for
 
 N_CLASSES = 4
 MLFLOW_CALLS = ("log_metric", "log_batch", "set_tag", "log_param", "log_artifact", "log_artifacts",
@@ -65,9 +65,9 @@ def config(**overrides: Any) -> Config:
 
 
 def use_network(monkeypatch: pytest.MonkeyPatch, net: nn.Module) -> None:
-    """Make every model spec resolve to `net` (run_arm imports resolve_model when it runs)."""
+    """Make every model spec resolve to `net`."""
     resolved = ResolvedModel(net, "oomnet", "timm", "test:oomnet", random_head=True, native=None)
-    monkeypatch.setattr("lab.models.resolve_model", lambda spec, cfg, num_classes: resolved)
+    monkeypatch.setattr(arm, "resolve_model", lambda spec, cfg, num_classes: resolved)
 
 
 def start_child(cfg: Config, experiment: str = "arm-tests") -> tuple[str, arm.ArmContext]:
@@ -125,9 +125,6 @@ def test_fit_oom_starts_again_from_the_initial_weights(tracking: str) -> None:
     def fitted_weights(net: OomNet, batch_size: int, notes: list[str]) -> dict[str, torch.Tensor]:
         import lightning as L
 
-        from lab.arm import preprocess_for
-        from lab.models import ArmModule
-
         L.seed_everything(cfg.seed, verbose=False)
         module = ArmModule(net, N_CLASSES, cfg.lr, cfg.weight_decay, cfg.epochs)
         run_cfg = dataclasses.replace(cfg, batch_size=batch_size)
@@ -152,9 +149,6 @@ def test_fit_oom_starts_again_from_the_initial_weights(tracking: str) -> None:
 
 
 def test_other_errors_and_oom_at_the_smallest_batch_are_not_retried(tracking: str) -> None:
-    from lab.arm import preprocess_for
-    from lab.models import ArmModule
-
     ctx = arm.ArmContext(index=0, parent_run_id="", experiment_id="")
     cfg = config(batch_size=1)
     notes: list[str] = []

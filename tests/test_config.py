@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.config import Config, ConfigError, build_config, flat_params, load_config
+from lab.config import Config, ConfigError, build_config, config_path, flat_params, load_config, unique_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,12 +31,23 @@ def test_command_line_wins_over_yaml(tmp_path: Path) -> None:
         ({"epochs": "three"}, "epochs: expected an integer, got 'three'"),
         ({"epochs": 2.5}, "epochs: expected an integer"),
         ({"epochs": -1}, "epochs: -1 is out of range"),
-        ({"alpha": 0.0}, "alpha: 0.0 is out of range; allowed (0.0, 0.5]"),
+        ({"alpha": 0.0}, "alpha: 0.0 is out of range; allowed (0.0, 0.5)"),
+        ({"alpha": 0.5}, "alpha: 0.5 is out of range; allowed (0.0, 0.5)"),
+        ({"rule": "non_inferiority", "margin": 1.0}, "margin: 1.0 is out of range; allowed [0.0, 1.0)"),
+        ({"rule": "bayes", "metric": "macro_f1"}, "rule: bayes reads the accuracy difference only (metric=macro_f1)"),
+        ({"metric": "f1"}, "metric: 'f1' is not allowed; choose one of accuracy, balanced_accuracy, macro_f1, top5"),
+        ({"group_by": "subfolder", "groups": "g.csv"}, "groups: give group_by=subfolder or groups=<csv>, not both"),
         ({"alpha": "x"}, "alpha: expected a number"),
         ({"placement": "diagonal"}, "placement: 'diagonal' is not allowed; choose one of auto, parallel"),
         ({"pretrained": "maybe"}, "pretrained: expected true or false"),
         ({"devices": "gpu0"}, "devices: 'gpu0' is not allowed"),
         ({"rule": "equivalence"}, "margin: the equivalence rule needs margin > 0"),
+        ({"margin": 0.01}, "margin: the superiority rule takes no margin (got 0.01); set margin=0, or "
+                           "rule=non_inferiority or equivalence"),
+        ({"promote_alias": "champion"}, "promote_alias: B must be a registered model (models:/name@alias or "
+                                        "models:/name/<version>), got 'mobilenetv3_small_100'"),
+        ({"promote_alias": "champion", "arms": "models:/c/1,models:/c/2,models:/c/3"},
+         "promote_alias: the promotion gate needs exactly two arms (A, B); got 3"),
         ({"arms": "resnet18"}, "arms: need at least two models"),
         ({"mean": "0.5,0.5"}, "mean/std: expected three numbers"),
     ],
@@ -88,3 +99,31 @@ def test_config_is_frozen_and_round_trips() -> None:
     assert build_config(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
     params = flat_params(cfg)
     assert params["arms"] == "resnet18,resnet34" and params["margin"] == "0.01"
+
+
+def test_issue_9_statistics_keys() -> None:
+    cfg = build_config({"rule": "bayes", "margin": 0.005, "metric": "accuracy", "group_by": "subfolder"})
+    assert (cfg.rule, cfg.margin, cfg.metric, cfg.group_by, cfg.groups) == ("bayes", 0.005, "accuracy", "subfolder", "")
+    assert build_config({}).metric == "accuracy" and build_config({}).group_by == "none"
+    assert build_config({"rule": "bayes"}).margin == 0.0  # no region of practical equivalence: better or worse
+    assert build_config({"metric": "top5_accuracy", "groups": "/data/groups.csv"}).groups == "/data/groups.csv"
+
+
+def test_a_promotion_gate_needs_a_registered_b_or_a_run_of_one() -> None:
+    assert build_config({"promote_alias": "champion", "b": "models:/clf@challenger"}).promote_alias == "champion"
+    assert build_config({"promote_alias": "champion", "b": "0123456789abcdef" * 2}).b == "0123456789abcdef" * 2
+
+
+def test_unique_names_number_only_the_repeated_ones() -> None:
+    assert unique_names(["a", "best", "best"]) == ["a", "best_1", "best_2"]
+    assert build_config({"arms": ["resnet18", "/x/resnet18.pt"], "allow_random_head": True}).arm_names == (
+        "resnet18_0", "resnet18_1")
+
+
+def test_config_path_finds_the_shipped_configs_from_anywhere(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert config_path("configs/default.yaml") == ROOT / "configs/default.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/default.yaml").write_text("epochs: 1\n")
+    assert config_path("configs/default.yaml") == Path("configs/default.yaml")  # a file here wins
+    assert config_path("/no/such.yaml") == Path("/no/such.yaml")  # and the error names the path as given

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +85,18 @@ def test_imagefolder_split_ids_and_fingerprint_follow_the_files(tmp_path: Path) 
     dm.setup()
     x, _, ids = next(iter(dm.test_dataloader()))
     assert x.shape[1:] == (3, 16, 16) and len(ids) == len(info.test)
-    # Changing one test file's content (size) changes the fingerprint.
-    victim = Path(info.test.paths[0])
+    # The fingerprint follows the files, not where they are: a copy has the same one, a copy with one test
+    # file's content (size) changed has another. (New paths also keep resolve_dataset's cache out of the way.)
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    shutil.copytree(tmp_path / "imgs", same)
+    shutil.copytree(tmp_path / "imgs", changed)
+    victim = changed / Path(info.test.paths[0]).relative_to(tmp_path / "imgs")
     victim.write_bytes(victim.read_bytes() + b"\0")
-    from lab import data
-
-    data._CACHE.clear()
-    assert resolve_dataset(cfg).fingerprint != info.fingerprint
+    copied = {
+        folder: resolve_dataset(build_config({"data": f"imagefolder:{folder}", "test_fraction": 0.5, "image_size": 16}))
+        for folder in (same, changed)
+    }
+    assert copied[same].fingerprint == info.fingerprint != copied[changed].fingerprint
 
 
 def test_imagefolder_with_official_split(tmp_path: Path) -> None:
@@ -114,7 +121,84 @@ def test_bad_datasets_say_what_and_how_to_fix(data: str, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_cifar_without_network_names_the_fix(tmp_path: Path) -> None:
-    cfg = build_config({"data": "cifar10", "data_dir": str(tmp_path)})
-    with pytest.raises(DataError, match=r"cifar10: could not download into .*use data=digits"):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_without_network_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The real torchvision download path, with every outgoing connection refused: the same on any machine."""
+    attempts: list[object] = []
+
+    def no_network(address: object, *args: object, **kwargs: object) -> None:
+        attempts.append(address)
+        raise OSError("network is unreachable (blocked by the test)")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    cfg = build_config({"data": name, "data_dir": str(tmp_path)})
+    with pytest.raises(DataError, match=rf"{name}: could not download into .*use data=digits") as info:
         resolve_dataset(cfg)
+    assert attempts, "torchvision never tried to connect: the download path was not exercised"
+    assert "blocked by the test" in str(info.value) and "\n" not in str(info.value)
+
+
+def _groups_cfg(**values):
+    """build_config, with the group keys beside it until lab/config.py has them."""
+    from types import SimpleNamespace
+
+    from lab.config import FIELD_BY_NAME
+
+    cfg = build_config({k: v for k, v in values.items() if k in FIELD_BY_NAME})
+    pending = {k: v for k, v in values.items() if k not in FIELD_BY_NAME}
+    return SimpleNamespace(**(vars(cfg) | pending)) if pending else cfg
+
+
+def test_groups_from_subfolders_below_the_class_folders(tmp_path: Path) -> None:
+    from lab import data
+
+    for cls, group, count in [("cat", "p1", 3), ("cat", "p2", 2), ("dog", "p1", 2), ("dog", "p3", 3)]:
+        _write_folder(tmp_path / "imgs" / cls, {group: count})
+    _write_folder(tmp_path / "imgs", {"dog": 1})  # dog/0.png: directly in its class folder, a group of its own
+    cfg = _groups_cfg(data=f"imagefolder:{tmp_path / 'imgs'}", test_fraction=0.99, group_by="subfolder")
+    info = data.resolve_dataset(cfg)
+    groups = data.test_groups(cfg)
+    assert set(groups) == {int(i) for i in info.test.sample_ids}
+    by_path = {Path(p).relative_to(tmp_path / "imgs").as_posix(): groups[int(i)]
+               for i, p in zip(info.test.sample_ids, info.test.paths, strict=True)}  # fmt: skip
+    assert by_path["cat/p1/0.png"] == by_path["dog/p1/1.png"] == "p1"  # one name under two classes: one group
+    assert by_path["dog/p3/2.png"] == "p3" and by_path["dog/0.png"] == "dog/0.png"
+    assert data.test_groups(build_config({"data": "digits"})) is None  # no groups asked for
+
+
+def test_groups_from_a_csv_by_file_or_sample_id(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from lab import data
+
+    _write_folder(tmp_path / "imgs", {"cat": 4, "dog": 4})
+    cfg = _groups_cfg(data=f"imagefolder:{tmp_path / 'imgs'}", test_fraction=0.5, groups=str(tmp_path / "g.csv"))
+    info = data.resolve_dataset(cfg)
+    files = [Path(p).relative_to(tmp_path / "imgs").as_posix() for p in info.test.paths]
+    pd.DataFrame({"file": files, "group": [f.split("/")[0] for f in files]}).to_csv(tmp_path / "g.csv", index=False)
+    assert sorted(set(data.test_groups(cfg).values())) == sorted({f.split("/")[0] for f in files})
+    pd.DataFrame({"file": files[1:], "group": "x"}).to_csv(tmp_path / "g.csv", index=False)
+    with pytest.raises(DataError, match=rf"groups: 1 of the {len(files)} test samples have no group in .*g\.csv "
+                                        rf"\(first: {files[0]}\)"):  # fmt: skip
+        data.test_groups(cfg)
+    digits = _groups_cfg(data="digits", groups=str(tmp_path / "ids.csv"))
+    ids = data.resolve_dataset(digits).test.sample_ids
+    pd.DataFrame({"sample_id": ids, "group": ids // 10}).to_csv(tmp_path / "ids.csv", index=False)
+    assert data.test_groups(digits) == {int(i): str(i // 10) for i in ids}
+    pd.DataFrame({"sample": ids}).to_csv(tmp_path / "ids.csv", index=False)
+    with pytest.raises(DataError, match="needs columns file \\(or sample_id\\) and group; it has sample"):
+        data.test_groups(digits)
+    with pytest.raises(DataError, match="group_by=subfolder needs data=imagefolder:<path>; digits has no folders"):
+        data.test_groups(_groups_cfg(data="digits", group_by="subfolder"))
+
+
+def test_clear_cache_reloads_changed_files(tmp_path: Path) -> None:
+    from lab import data
+
+    _write_folder(tmp_path / "imgs", {"cat": 3, "dog": 3})
+    cfg = build_config({"data": f"imagefolder:{tmp_path / 'imgs'}"})
+    first = data.resolve_dataset(cfg)
+    _write_folder(tmp_path / "imgs", {"cat": 5})
+    assert data.resolve_dataset(cfg) is first  # cached for the process
+    data.clear_cache()
+    assert len(data.resolve_dataset(cfg).train) + len(data.resolve_dataset(cfg).test) == 8

@@ -19,8 +19,9 @@ import pandas as pd
 import pytest
 from conftest import FAST_ARGS, subprocess_env
 
+from lab import launch
 from lab.config import build_config
-from lab.launch import Plan, _arm_env, plan, visible_gpus
+from lab.launch import Plan, arm_env, plan, run_arms, subset_plan, visible_gpus
 
 CORES = os.cpu_count() or 1
 
@@ -69,13 +70,58 @@ def test_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_arm_env_narrows_gpus_and_drops_the_parents_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_RUN_ID", "parent")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
     parallel = Plan("parallel", "cuda", ("2", "5"), 0)
-    envs = [_arm_env(parallel, i, "sqlite:///x.db") for i in range(2)]
+    envs = [arm_env(parallel, i) for i in range(2)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5"]
     assert all("MLFLOW_RUN_ID" not in e and e["AB_PLACEMENT"] == "parallel" for e in envs)
+    assert all(e["MLFLOW_TRACKING_URI"] == "sqlite:///x.db" for e in envs)
     shared = Plan("lockstep", "cuda", ("3",), 0)
-    assert {_arm_env(shared, i, "sqlite:///x.db")["CUDA_VISIBLE_DEVICES"] for i in range(2)} == {"3"}
-    assert "CUDA_VISIBLE_DEVICES" not in _arm_env(Plan("lockstep", "cpu", (), 2), 0, "sqlite:///x.db")
+    assert {arm_env(shared, i)["CUDA_VISIBLE_DEVICES"] for i in range(2)} == {"3"}
+    assert "CUDA_VISIBLE_DEVICES" not in arm_env(Plan("lockstep", "cpu", (), 2), 0)
+
+
+def test_a_subset_of_arms_runs_one_after_the_other_on_the_first_device() -> None:
+    assert subset_plan(Plan("parallel", "cuda", ("2", "5"), 0)) == Plan("sequential", "cuda", ("2",), 0)
+    assert subset_plan(Plan("lockstep", "cpu", (), 1)) == Plan("sequential", "cpu", (), CORES)
+
+
+# A stand-in for `python -m lab.arm`: the child run an arm creates, or an arm that fails with its error file.
+FAKE_ARM = """
+import os, sys
+from mlflow import MlflowClient
+index, parent, experiment, error_file = sys.argv[1:5]
+placement = os.environ["AB_PLACEMENT"]  # from launch.arm_env, as the real arm reads it
+if index == "2":
+    open(error_file, "w").write("arm c (resnet34): ValueError: broken")
+    sys.exit(1)
+tags = {"mlflow.parentRunId": parent, "ab.role": "child", "ab.arm_index": index, "ab.placement": placement}
+run = MlflowClient().create_run(experiment, tags=tags)
+MlflowClient().set_terminated(run.info.run_id, "FINISHED")
+"""
+
+
+@pytest.mark.slow  # two Python processes (stand-in arms that import MLflow)
+def test_run_arms_starts_only_the_arms_asked_for(tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arms 1 and 2 of three (0 reused): started one after the other; 2 fails and says why in its error file."""
+    from mlflow import MlflowClient
+
+    def fake_command(cfg_path, index, parent_run_id, experiment_id, p, error_file, lockstep, world):
+        assert (p.placement, lockstep, world) == ("sequential", None, 1)
+        return [sys.executable, "-c", FAKE_ARM, str(index), parent_run_id, experiment_id, str(error_file)]
+
+    monkeypatch.setattr(launch, "arm_command", fake_command)
+    client = MlflowClient()
+    experiment = client.create_experiment("launch")
+    parent = client.create_run(experiment).info.run_id
+    three = cfg(arms="resnet18,resnet10t,resnet34")
+    outcomes = run_arms(three, Path("unused.yaml"), parent, experiment, plan(three, 3, ()), indices=[1, 2])
+    assert [(o.index, o.name, o.returncode, o.error) for o in outcomes] == [
+        (1, "resnet10t", 0, ""), (2, "resnet34", 1, "arm c (resnet34): ValueError: broken")]
+    [child] = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+    assert outcomes[0].run_id == child.info.run_id and outcomes[1].run_id is None
+    assert child.data.tags["ab.placement"] == "sequential"
+    assert run_arms(three, Path("unused.yaml"), parent, experiment, plan(three, 3, ()), indices=[]) == []
 
 
 # ---- whole jobs, one per placement -------------------------------------------------------------------

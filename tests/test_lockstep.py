@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.lockstep import Lockstep, LockstepServer, LockstepTimeout, is_done
+from callbacks.lockstep import Lockstep, LockstepServer, LockstepTimeout, is_done, latest_turn
 
 ARM_TIMEOUT_S = 30.0  # an arm's wait for its turn; the scenarios below take about a second
 
@@ -117,6 +117,7 @@ def assert_alternates_then_one_arm(order: list[tuple[int, str, int]], n_first: i
 # ---- scenarios -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # arm processes from a forkserver
 def test_fit_and_test_alternate_and_a_shorter_arm_does_not_hold_up_the_other(
     ctx: mp.context.ForkServerContext, tmp_path: Path
 ) -> None:
@@ -140,6 +141,7 @@ def test_fit_and_test_alternate_and_a_shorter_arm_does_not_hold_up_the_other(
     server.close()
 
 
+@pytest.mark.slow  # arm processes from a forkserver
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_arms_on_one_gpu_alternate(ctx: mp.context.ForkServerContext, tmp_path: Path) -> None:
@@ -156,6 +158,7 @@ def test_two_arms_on_one_gpu_alternate(ctx: mp.context.ForkServerContext, tmp_pa
     server.close()
 
 
+@pytest.mark.slow  # arm processes from a forkserver
 def test_a_dead_arm_once_reaped_does_not_hold_up_the_other(
     ctx: mp.context.ForkServerContext, tmp_path: Path
 ) -> None:
@@ -222,7 +225,7 @@ def test_turn_passes_in_rank_order_skipping_done_arms() -> None:
     server.reap(0)  # 0 reaped while 2 holds the turn: 2 is now alone and keeps it
     arms[2].release()
     arms[2].acquire()
-    assert arms[2]._owner == 2
+    assert latest_turn(server.store, 0)[1] == 2  # the latest turn is 2's
     server.close()
 
 

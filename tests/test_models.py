@@ -7,9 +7,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import write_safetensors
 
 from lab.config import build_config
-from lab.models import ArmModule, ModelError, preflight, resolve_model, save_safetensors
+from lab.models import (
+    ArmModule,
+    ModelError,
+    expected_identity,
+    expected_preprocess,
+    preflight,
+    preprocess_for,
+    resolve_model,
+)
 
 CFG = build_config({"epochs": 1})
 X = torch.randn(2, 3, 32, 32)
@@ -66,7 +75,7 @@ def test_random_weights_are_refused_without_training_unless_opted_in() -> None:
 
 def test_safetensors_checkpoint_names_its_architecture(tmp_path: Path) -> None:
     ref = _reference()
-    path = save_safetensors(ref, "resnet10t", tmp_path / "best.safetensors", 10)
+    path = write_safetensors(ref, "resnet10t", tmp_path / "best.safetensors")
     r = resolve_model(str(path), build_config({"epochs": 0}), 10)
     assert r.source == "checkpoint" and r.identity.startswith("sha256:") and not r.random_head
     assert _same_outputs(ref, r.module)
@@ -90,7 +99,7 @@ def test_lightning_checkpoint(tmp_path: Path) -> None:
 
 
 def test_checkpoint_with_the_wrong_number_of_classes(tmp_path: Path) -> None:
-    save_safetensors(_reference(classes=5), "resnet10t", tmp_path / "five.safetensors", 5)
+    write_safetensors(_reference(classes=5), "resnet10t", tmp_path / "five.safetensors")
     with pytest.raises(ModelError, match=r"has 5 output classes but the dataset has 10"):
         resolve_model(str(tmp_path / "five.safetensors"), build_config({"epochs": 0}), 10)
 
@@ -142,3 +151,18 @@ def test_mlflow_model_from_the_registry(tracking: str) -> None:
         resolve_model(pickled.model_uri, cfg, 10)
     with pytest.raises(ModelError, match="could not be fetched"):
         resolve_model("models:/no_such_model/3", cfg, 10)
+
+
+def test_expected_identity_and_preprocessing_without_weights(tmp_path: Path) -> None:
+    """What an arm would record, told without building the model (tests/test_history.py checks they agree)."""
+    cfg = build_config({"epochs": 0, "image_size": 48})
+    assert expected_identity("resnet10t", cfg, 7) == "timm:resnet10t:pretrained=False:classes=7"
+    assert expected_identity(str(tmp_path / "missing.safetensors"), cfg, 7) is None
+    assert expected_identity("runs:/" + "0" * 32 + "/model", cfg, 7) is None
+    path = write_safetensors(_reference(), "resnet10t", tmp_path / "w.safetensors")
+    assert expected_identity(f"resnet10t:{path}", cfg, 10) == resolve_model(str(path), cfg, 10).identity
+    assert expected_preprocess("resnet10t", cfg) == preprocess_for(cfg, None)  # shared: the config's
+    native = build_config({"epochs": 0, "preprocess": "native"})
+    built = resolve_model("resnet10t", build_config({"epochs": 1}), 10)
+    assert expected_preprocess("resnet10t", native) == built.native
+    assert expected_preprocess(str(path), native) is None  # the architecture is named only inside the file

@@ -20,8 +20,10 @@ import pytest
 from history_fakes import correct_mask, log_child, predictions
 from mlflow_servers import Server, start_server
 
-from lab.compare import analyse, fetch_arms, log_comparison
+from lab.compare import analyse, fetch_arms
 from lab.config import load_config
+from lab.experiment import log_comparison
+from lab.report import describe
 
 pytestmark = pytest.mark.slow
 WAIT_S = 90
@@ -46,7 +48,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, s
                 for arm, model, right in (("a", "resnet10t", right_a),
                                           ("b", "mobilenetv3_small_100", right_a | correct_mask(n, 0.4, 2)))]
         cfg = load_config(None, {"n_resamples": "500"})
-        summary = analyse(cfg, fetch_arms(client, runs, ["a", "b"]))
+        summary = describe(analyse(cfg, fetch_arms(client, runs, ["a", "b"])))
         log_comparison(client, parent, cfg, summary, Path(tempfile.mkdtemp(dir=root)) / "comparison")
         client.set_terminated(parent, "FINISHED")
         yield server, experiment, parent, summary["sentence"]

@@ -1,13 +1,8 @@
-"""The shared, seeded LightningDataModule, the dataset registry, and the dataset fingerprint.
+"""The dataset registry and loaders (digits, fake, CIFAR, image folders), the splits, and the fingerprint.
 
-Every arm builds `ABDataModule(cfg, preprocess)` from the same config: the same samples, in the same order,
-with the same stable integer `sample_id`s. Only the preprocessing may differ per arm (`preprocess=native`).
-The fingerprint hashes the ordered test sample ids and labels, the class names, and the raw data where that
-is cheap (the arrays of an in-memory dataset; the file list with sizes of an image folder), so two arms --
-or two runs a month apart -- can prove they scored the same test set.
-
-    from lab.data import ABDataModule, resolve_dataset
-    info = resolve_dataset(cfg)          # DatasetInfo: splits, classes, fingerprint
+The fingerprint hashes the ordered test sample ids and labels, the class names, and the raw data where that is cheap
+(the arrays of an in-memory dataset; the file list with sizes of an image folder), so two arms -- or two runs a
+month apart -- can prove they scored the same test set.
 """
 
 from __future__ import annotations
@@ -19,11 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from lab.config import Config
 
@@ -62,35 +53,6 @@ class DatasetInfo:
     @property
     def label_map_hash(self) -> str:
         return hashlib.sha256(json.dumps(list(self.class_names)).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an arm turns raw pixels into its input tensor (timm's data-config fields)."""
-
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0
-
-    def describe(self) -> str:
-        mean = ",".join(f"{m:.3f}" for m in self.mean)
-        std = ",".join(f"{s:.3f}" for s in self.std)
-        return f"size={self.input_size} interp={self.interpolation} crop={self.crop_pct:g} mean={mean} std={std}"
-
-    def transform(self, train: bool, augment: str) -> v2.Compose:
-        interp = v2.InterpolationMode(self.interpolation)
-        if train and augment == "crop_flip":
-            resize = [
-                v2.RandomResizedCrop(self.input_size, scale=(0.8, 1.0), interpolation=interp),
-                v2.RandomHorizontalFlip(),
-            ]
-        else:
-            scaled = round(self.input_size / self.crop_pct)
-            resize = [v2.Resize(scaled, interpolation=interp, antialias=True), v2.CenterCrop(self.input_size)]
-        return v2.Compose([*resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
-
 
 # ----------------------------------------------------------------------------------------------- registry
 
@@ -229,6 +191,11 @@ def fingerprint(split: Split, class_names: tuple[str, ...], root: str | None = N
 _CACHE: dict[tuple, DatasetInfo] = {}
 
 
+def clear_cache() -> None:
+    """Forget every dataset `resolve_dataset` has loaded in this process (say, after files changed on disk)."""
+    _CACHE.clear()
+
+
 def resolve_dataset(cfg: Config) -> DatasetInfo:
     """Load (once per process) the dataset the config names; unknown names raise with close matches."""
     key = (
@@ -258,75 +225,3 @@ def resolve_dataset(cfg: Config) -> DatasetInfo:
     )
     _CACHE[key] = info
     return info
-
-
-# ------------------------------------------------------------------------------------- dataset/datamodule
-
-
-class SplitDataset(Dataset):
-    """Yields (image tensor, label, sample_id). Training augmentation is seeded per (seed, epoch, index)."""
-
-    def __init__(self, split: Split, transform: v2.Compose, seed: int | None = None, epoch: int = 0):
-        self.split, self.transform, self.seed, self.epoch = split, transform, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def _pixels(self, i: int) -> torch.Tensor:
-        if self.split.images is not None:
-            return torch.from_numpy(np.ascontiguousarray(self.split.images[i])).permute(2, 0, 1)
-        from torchvision.io import ImageReadMode, decode_image
-
-        return decode_image(self.split.paths[i], mode=ImageReadMode.RGB)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        pixels = self._pixels(i)
-        if self.seed is None:
-            image = self.transform(pixels)
-        else:
-            # Random augmentation drawn from a generator that only (seed, epoch, i) decide, so every arm
-            # sees exactly the same augmented images whatever RNG calls its model construction made.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
-                image = self.transform(pixels)
-        return image, int(self.split.labels[i]), int(self.split.sample_ids[i])
-
-
-class ABDataModule(L.LightningDataModule):
-    """One seeded data module for every arm: same test samples in the same order, same training order."""
-
-    def __init__(self, cfg: Config, preprocess: Preprocess):
-        super().__init__()
-        self.cfg, self.preprocess = cfg, preprocess
-        self.info: DatasetInfo | None = None
-
-    def prepare_data(self) -> None:
-        resolve_dataset(self.cfg)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.info = resolve_dataset(self.cfg)
-
-    def _loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.info is not None
-        # Called again every epoch (Trainer(reload_dataloaders_every_n_epochs=1)): order and augmentation
-        # depend only on (seed, epoch), identical for every arm.
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        dataset = SplitDataset(
-            self.info.train, self.preprocess.transform(True, self.cfg.augment), seed=self.cfg.seed, epoch=epoch
-        )
-        return self._loader(dataset, shuffle=True, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-
-    def test_dataloader(self) -> DataLoader:
-        assert self.info is not None
-        return self._loader(SplitDataset(self.info.test, self.preprocess.transform(False, "none")), shuffle=False)

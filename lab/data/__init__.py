@@ -1,0 +1,43 @@
+"""The shared, seeded LightningDataModule, the dataset registry, the dataset fingerprint, and test samples by id.
+
+Every arm builds `ABDataModule(cfg, preprocess)` from the same config: the same samples, in the same order,
+with the same stable integer `sample_id`s. Only the preprocessing may differ per arm (`preprocess=native`).
+``datasets``: the registry, loaders, splits and fingerprint; ``module``: the data module; ``samples``: test
+samples by id (groups of clustered images, pixels for the report's gallery).
+
+    from lab.data import ABDataModule, resolve_dataset
+    info = resolve_dataset(cfg)          # DatasetInfo: splits, classes, fingerprint
+"""
+
+from lab.data.datasets import (
+    IMAGE_SUFFIXES,
+    DataError,
+    DatasetInfo,
+    DatasetLoader,
+    Split,
+    clear_cache,
+    fingerprint,
+    list_datasets,
+    register_dataset,
+    resolve_dataset,
+)
+from lab.data.module import ABDataModule, Preprocess, SplitDataset
+from lab.data.samples import test_groups, test_images
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ABDataModule",
+    "DataError",
+    "DatasetInfo",
+    "DatasetLoader",
+    "Preprocess",
+    "Split",
+    "SplitDataset",
+    "clear_cache",
+    "fingerprint",
+    "list_datasets",
+    "register_dataset",
+    "resolve_dataset",
+    "test_groups",
+    "test_images",
+]

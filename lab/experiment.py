@@ -1,0 +1,191 @@
+"""One parent run from start to end: preflight, the arms (reused, or launched as child runs), the comparison,
+its logging, registration of the arms' models and the promotion gate.
+
+    python -m lab run ...       ->  experiment.run(cfg)
+    python -m lab compare ...   ->  lab/compare_runs.py resolves its inputs into a Job, then experiment.conduct(job)
+
+Everything that can be wrong with the input is raised (as a one-line ValueError) before the parent run exists;
+from then on `runs.parent_run` ends the run FINISHED, FAILED or KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run, RunTag
+
+from lab import history, launch, lineage, registry, report, runs
+from lab.compare import Arm, analyse, fetch_arms, parent_metrics
+from lab.config import Config, flat_params
+from lab.launch import Plan
+
+
+@dataclass(frozen=True)
+class Job:
+    """One comparison to conduct in a new parent run.
+
+    Arm i is `known[i]` (fetched before the parent: `compare` checks those agree first), else the child run
+    `reused[i]`, else evaluated here as a child of the parent, placed by `plan`.
+    """
+
+    cfg: Config
+    names: list[str]  # arm names, baseline first
+    run_name: str
+    tags: dict[str, str]  # the parent's tags before the comparison adds its own
+    plan: Plan | None  # None when no arm is evaluated here
+    reused: dict[int, Run] = field(default_factory=dict)
+    known: dict[int, Arm] = field(default_factory=dict)
+    announce: str = ""  # printed, with the parent run id, once the parent exists
+    link_sources: bool = False  # tag and note the experiment and run of every compared arm (`compare`)
+
+    @property
+    def todo(self) -> list[int]:
+        """Indices of the arms evaluated in this job."""
+        return [i for i in range(len(self.names)) if i not in self.known and i not in self.reused]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    experiment_id: str
+    summary: dict[str, Any]
+
+
+def preflight(cfg: Config, indices: Sequence[int]) -> None:
+    """Everything about the arms at `indices` that can be checked before a run exists: model specs, and the
+    dataset (downloaded once, here, rather than by every arm)."""
+    from lab import data, models  # torch: only when arms are evaluated
+
+    for i in indices:
+        models.preflight(cfg.arm_specs[i], cfg)
+    data.resolve_dataset(cfg)
+
+
+def run(cfg: Config) -> Outcome:
+    """`python -m lab run`: every arm evaluated here (or reused), compared in one parent run."""
+    n = len(cfg.arm_specs)
+    preflight(cfg, range(n))
+    p = launch.plan(cfg, n)
+    reused = history.reusable_arms(cfg)  # arm index -> finished child run that evaluated it the same way
+    tags = {"ab.role": "parent", "ab.placement": p.placement, "ab.device_kind": p.device,
+            "ab.arms": ",".join(cfg.arm_names)}
+    announce = f"ablab: {n} arms ({', '.join(cfg.arm_specs)}) on {p.device}, placement={p.placement}"
+    outcome = conduct(Job(cfg, list(cfg.arm_names), runs.run_name(cfg.arm_specs), tags, p, reused, announce=announce))
+    print(outcome.summary["sentence"])
+    print(f"ablab: verdict {outcome.summary['verdict']}; report: comparison/report.html in run {outcome.run_id} "
+          f"(mlflow ui --backend-store-uri {runs.tracking_uri()}, then "
+          f"#/experiments/{outcome.experiment_id}/runs/{outcome.run_id})", file=sys.stderr)
+    return outcome
+
+
+def conduct(job: Job) -> Outcome:
+    """The parent run: config, the arms, the comparison (metrics, tags, report), promotion; never left RUNNING."""
+    cfg = job.cfg
+    client = MlflowClient()
+    with runs.parent_run(cfg.experiment, job.run_name) as run:
+        run_id = run.info.run_id
+        # Prefixed: `mlflow run` has already logged the raw -P values ("" = from the YAML) under the plain names.
+        mlflow.log_params({f"config.{k}": v for k, v in flat_params(cfg).items()})
+        mlflow.set_tags(job.tags)
+        mlflow.log_text(cfg.to_yaml(), "config.yaml")
+        with tempfile.TemporaryDirectory(prefix="ablab-") as tmp:
+            if job.announce:
+                print(f"{job.announce}; parent run {run_id}", file=sys.stderr)
+            arms = collect_arms(client, run, job, Path(tmp))
+            history.mark_reused(client, run_id, arms, job.reused)
+            lineage.copy_test_input(client, arms[0].run_id, run_id)  # the parent is found by its test set too
+            summary = report.describe(analyse(cfg, arms, class_names(cfg, arms)))
+            log_comparison(client, run_id, cfg, summary, Path(tmp) / "comparison")
+            if job.link_sources:
+                link_sources(client, run_id, summary, arms)
+            versions = registry.register_arms(client, run_id, cfg.register, arms) if cfg.register else {}
+            if cfg.promote_alias:
+                registry.promote(client, run_id, cfg.promote_alias, summary, arms, versions.get(len(arms) - 1))
+    return Outcome(run_id, run.info.experiment_id, summary)
+
+
+def collect_arms(client, parent: Run, job: Job, tmp: Path) -> list[Arm]:
+    """Every arm in order: evaluate the job's todo as child runs of `parent`, then fetch what is not known."""
+    outcomes = []
+    if job.todo:
+        cfg_path = tmp / "config.yaml"
+        cfg_path.write_text(job.cfg.to_yaml())
+        outcomes = launch.run_arms(job.cfg, cfg_path, parent.info.run_id, parent.info.experiment_id, job.plan,
+                                   job.todo)
+        failed = [o for o in outcomes if o.returncode != 0 or o.run_id is None]
+        if failed:
+            raise runs.RunFailed("; ".join(o.error or f"arm {o.name} failed" for o in failed))
+    run_ids = {o.index: o.run_id for o in outcomes} | {i: r.info.run_id for i, r in job.reused.items()}
+    missing = [i for i in range(len(job.names)) if i not in job.known]
+    fetched = fetch_arms(client, [run_ids[i] for i in missing], [job.names[i] for i in missing])
+    add_params(client, fetched)
+    arms = job.known | dict(zip(missing, fetched, strict=True))
+    return [arms[i] for i in range(len(job.names))]
+
+
+def add_params(client, arms: list[Arm]) -> None:
+    """Each arm's recorded config (`extra["params"]`): the guard names the setting (seed, test_fraction, data)
+    that gave two arms different test sets."""
+    for arm in arms:
+        arm.extra.setdefault("params", dict(client.get_run(arm.run_id).data.params))
+
+
+def class_names(cfg: Config, arms: list[Arm]) -> tuple[str, ...] | None:
+    """The dataset's class names when it resolves here to the arms' very test set; else None (indices)."""
+    from lab.data import resolve_dataset  # torch: `compare` of existing runs may not need it otherwise
+
+    try:
+        info = resolve_dataset(cfg)
+    except Exception:  # names are a nicety; a dataset absent on this machine is fine
+        return None
+    return info.class_names if info.fingerprint == arms[0].tags.get("ab.dataset_fingerprint") else None
+
+
+def log_comparison(client, parent_run_id: str, cfg: Config, summary: dict[str, Any], out_dir: Path) -> None:
+    """Metrics in one batch, verdict tags, and the rendered report under `comparison/`."""
+
+    def gallery(ids: list[int]) -> list:
+        from lab.data import test_images  # torch: only when the report shows flipped samples
+
+        return test_images(cfg, ids, fingerprint=summary["fingerprint"])
+
+    report.render(summary, out_dir, gallery=gallery)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in parent_metrics(summary).items()]
+    tags = [
+        RunTag("ab.role", "parent"),
+        RunTag("ab.verdict", summary["verdict"]),
+        RunTag("ab.verdict_sentence", summary["sentence"][: runs.MAX_TAG]),
+        RunTag("ab.dataset_fingerprint", str(summary["fingerprint"])),
+        RunTag("ab.preprocess_differs", str(summary["preprocess_differs"]).lower()),
+        RunTag("ab.latency_comparable", str(summary["latency"]["comparable"]).lower()),
+        RunTag("mlflow.note.content", f"**{summary['sentence']}**\n\nSee artifacts: comparison/report.html"),
+    ]
+    if len(summary["pairs"]) > 1:
+        tags += [RunTag(f"ab.verdict.{p['key']}", p["verdict"]) for p in summary["pairs"]]
+    tags += [RunTag(f"ab.child.{a['name']}", a["run_id"]) for a in summary["arms"]]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(parent_run_id, metrics=metrics[start : start + 1000], tags=tags if start == 0 else [])
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    client.log_artifacts(parent_run_id, str(out_dir), "comparison")
+
+
+def link_sources(client, run_id: str, summary: dict[str, Any], arms: list[Arm]) -> None:
+    """Tags and a note linking every compared run (experiment and run id) from the new parent."""
+    tags, lines = [RunTag("ab.compared_runs", ",".join(arm.run_id for arm in arms))], []
+    for arm in arms:
+        experiment = client.get_run(arm.run_id).info.experiment_id
+        tags.append(RunTag(f"ab.source.{arm.name}", f"{experiment}/{arm.run_id}"))
+        lines.append(f"- {arm.name}: [{arm.spec}](#/experiments/{experiment}/runs/{arm.run_id})")
+    note = f"**{summary['sentence']}**\n\nCompared runs:\n" + "\n".join(lines)
+    tags.append(RunTag("mlflow.note.content", note + "\n\nSee artifacts: comparison/report.html"))
+    client.log_batch(run_id, tags=tags)

@@ -1,0 +1,104 @@
+"""The LightningModule every arm runs: fine-tune (optional) and test one classifier, keeping per-sample outputs
+for `predictions.parquet`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torchmetrics
+from torch import nn
+
+from lab.models.sources import ModelError
+
+TOPK_STORED = 5
+MAX_CLASSES_STORED = 100
+
+
+class ArmModule(L.LightningModule):
+    """Fine-tune (optional) and test one classifier; `test_step` keeps per-sample outputs on the device."""
+
+    def __init__(self, model: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.05,
+                 epochs: int = 0, channels_last: bool = False, arch: str = ""):
+        super().__init__()
+        self.save_hyperparameters({"arch": arch, "num_classes": num_classes, "lr": lr, "epochs": epochs})
+        self.model = model
+        self.num_classes, self.lr, self.weight_decay, self.epochs = num_classes, lr, weight_decay, epochs
+        self.channels_last = channels_last
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc_per_class = torchmetrics.classification.MulticlassAccuracy(num_classes, average="none")
+        self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
+        self._outputs: list[tuple[torch.Tensor, ...]] = []
+        self.predictions: pd.DataFrame | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=total, pct_start=0.15)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_test_epoch_start(self) -> None:
+        # A test retried after running out of memory starts from nothing, not from the failed try's counts.
+        self._outputs = []
+        for metric in (self.test_acc, self.test_acc_per_class, self.test_confusion):
+            metric.reset()
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, y, ids = batch
+        logits = self(x)
+        if logits.shape[-1] != self.num_classes:
+            raise ModelError(f"the model outputs {logits.shape[-1]} classes but the dataset has {self.num_classes}")
+        probs = logits.float().softmax(dim=-1)
+        # Outputs stay on the device and the metrics are updated once, at the end: a batch costs its forward
+        # pass and a softmax, and nothing in it waits for the device (torchmetrics' argument checks would).
+        if self.num_classes <= MAX_CLASSES_STORED:
+            self._outputs.append((ids, y, probs))
+        else:
+            self._outputs.append((ids, y, *probs.topk(TOPK_STORED, dim=-1)))
+
+    def on_test_epoch_end(self) -> None:
+        if self._outputs:
+            labels = torch.cat([out[1] for out in self._outputs])
+            preds = torch.cat([out[2].argmax(dim=-1) if len(out) == 3 else out[3][:, 0] for out in self._outputs])
+            for metric in (self.test_acc, self.test_acc_per_class, self.test_confusion):
+                metric.update(preds, labels)
+        self.log("test_accuracy", self.test_acc.compute())
+        self.predictions = predictions_frame(self._outputs, self.num_classes)
+        self._outputs = []
+
+    def per_class_accuracy(self) -> list[float]:
+        return [float(v) for v in self.test_acc_per_class.compute().cpu()]
+
+    def confusion_matrix(self) -> list[list[int]]:
+        return self.test_confusion.compute().cpu().tolist()
+
+
+def predictions_frame(outputs: list[tuple[torch.Tensor, ...]], num_classes: int) -> pd.DataFrame:
+    """The `predictions.parquet` table: sample_id, label, pred, confidence, and probabilities or top-5."""
+    cols = [torch.cat(parts).cpu().numpy() for parts in zip(*outputs, strict=True)]
+    ids, labels = cols[0].astype(np.int64), cols[1].astype(np.int64)
+    frame = {"sample_id": ids, "label": labels}
+    if len(cols) == 3:
+        probs = cols[2].astype(np.float32)
+        frame |= {"pred": probs.argmax(1).astype(np.int64), "confidence": probs.max(1)}
+        frame |= {f"prob_{k}": probs[:, k] for k in range(num_classes)}
+    else:
+        top_p, top_i = cols[2].astype(np.float32), cols[3].astype(np.int64)
+        frame |= {"pred": top_i[:, 0], "confidence": top_p[:, 0]}
+        frame |= {f"top{k + 1}_class": top_i[:, k] for k in range(top_i.shape[1])}
+        frame |= {f"top{k + 1}_prob": top_p[:, k] for k in range(top_p.shape[1])}
+    return pd.DataFrame(frame)
