@@ -234,8 +234,9 @@ class Lockstep(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        # After our own timeout the others are unresponsive: mark done without waiting again.
-        self.finish(wait=not isinstance(exception, LockstepTimeout))
+        # After our own timeout the others are unresponsive, and when interrupted they are stopping too (each
+        # would wait for the other's turn): mark done without waiting.
+        self.finish(wait=not isinstance(exception, (LockstepTimeout, KeyboardInterrupt)))
         self._close_log()
 
     @override

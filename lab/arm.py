@@ -14,7 +14,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -27,15 +26,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from callbacks.gpu_telemetry import GPUTelemetry
 from callbacks.lockstep import Lockstep
-from lab import lineage, runs
+from lab import lifecycle, lineage, runs
 from lab.config import Config, flat_params, load_config
-from lab.data import ABDataModule, DatasetInfo, Preprocess, fingerprint, resolve_dataset
+from lab.data import ABDataModule, DatasetInfo, Preprocess, resolve_dataset, train_fingerprint, training_tags
 from lab.models import ArmModule, ResolvedModel, model_spec, preprocess_for, resolve_model, save_model_dir
 
 OOM_MIN_BATCH = 1
@@ -58,7 +56,7 @@ def create_child_run(cfg: Config, ctx: ArmContext) -> str:
     """A child run of the parent; created with the client, so an inherited MLFLOW_RUN_ID cannot hijack it."""
     name, spec = cfg.arm_names[ctx.index], cfg.arm_specs[ctx.index]
     tags = {"mlflow.parentRunId": ctx.parent_run_id, "mlflow.runName": f"{name}: {spec}", "ab.role": "child",
-            "ab.arm": name, "ab.arm_index": str(ctx.index), "ab.model": spec}
+            "ab.arm": name, "ab.arm_index": str(ctx.index), "ab.model": spec, **lifecycle.owner_tags()}
     return MlflowClient().create_run(ctx.experiment_id, tags=tags, run_name=f"{name}: {spec}").info.run_id
 
 
@@ -66,9 +64,10 @@ def make_trainer(cfg: Config, ctx: ArmContext, logger, callbacks: list, max_epoc
     """The Trainer of an arm's fit and test stages (benchmarks/overhead.py times the same one)."""
     return L.Trainer(
         accelerator="gpu" if ctx.device == "cuda" else "cpu", devices=1, precision=cfg.precision,
-        max_epochs=max_epochs, logger=logger, callbacks=[*callbacks, TQDMProgressBar(process_position=ctx.index)],
+        max_epochs=max_epochs, logger=logger,
+        callbacks=[*callbacks, *lifecycle.pause_callbacks(), TQDMProgressBar(process_position=ctx.index)],
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        reload_dataloaders_every_n_epochs=1, deterministic=False, log_every_n_steps=50,
+        reload_dataloaders_every_n_epochs=1, deterministic=cfg.deterministic, log_every_n_steps=50,
     )
 
 
@@ -102,7 +101,8 @@ def fit_and_test(cfg: Config, ctx: ArmContext, module, preprocess, logger, locks
         stage = "test" if fitted else "fit"
         try:
             if not fitted:
-                make_trainer(arm_cfg, ctx, logger, gated, cfg.epochs).fit(module, ABDataModule(arm_cfg, preprocess))
+                make_trainer(arm_cfg, ctx, logger, gated, cfg.epochs).fit(
+                    module, ABDataModule(arm_cfg, preprocess, train_seed=cfg.arm_seed(ctx.index)))
                 fitted, stage = True, "test"
             telemetry = GPUTelemetry(warmup_batches=cfg.warmup_batches, sync=cfg.telemetry_sync)
             make_trainer(arm_cfg, ctx, logger, [*gated, telemetry], 1).test(
@@ -119,7 +119,7 @@ def fit_and_test(cfg: Config, ctx: ArmContext, module, preprocess, logger, locks
             torch.cuda.empty_cache()
         if stage == "fit":
             module.load_state_dict(initial)
-            L.seed_everything(cfg.seed, verbose=False)
+            L.seed_everything(cfg.arm_seed(ctx.index), verbose=False)
         batch_size = max(OOM_MIN_BATCH, batch_size // 2)
         if on_retry is not None:
             on_retry(f"CUDA out of memory in {stage}; batch size halved to {batch_size}")
@@ -132,7 +132,7 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
         torch.set_num_threads(ctx.threads)
     spec = cfg.arm_specs[ctx.index]
     info = resolve_dataset(cfg)
-    L.seed_everything(cfg.seed, verbose=False)  # same initial weights for the same architecture
+    L.seed_everything(cfg.arm_seed(ctx.index), verbose=False)  # same initial weights for one architecture and seed
     resolved = resolve_model(spec, cfg, info.num_classes)
     preprocess = preprocess_for(cfg, resolved.native)
     client.log_batch(run_id, params=[_param(k, v) for k, v in flat_params(cfg).items() if k not in ("a", "b")],
@@ -143,9 +143,14 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
                          "ab.preprocess_mode": cfg.preprocess, "ab.model_identity": resolved.identity,
                          "ab.model_source": resolved.source, "ab.arch": resolved.arch,
                          "ab.precision": cfg.precision, "ab.placement": os.environ.get("AB_PLACEMENT", ""),
+                         "ab.seed": str(cfg.arm_seed(ctx.index)), "ab.deterministic": str(cfg.deterministic).lower(),
+                         **({"ab.pickle_loaded": "true"} if resolved.pickled else {}),
+                         **training_tags(cfg, ctx.index, info),  # the reuse key of a fine-tune (lab/history.py)
                      }.items()])
+    if info.skipped:  # skip_bad_images=true: which files this arm never saw
+        client.log_text(run_id, "\n".join(info.skipped) + "\n", "data/skipped_images.txt")
     test_set = log_splits(cfg, client, run_id, info)
-    logger = MLFlowLogger(tracking_uri=runs.tracking_uri(), run_id=run_id, log_model=False)
+    logger = lifecycle.arm_logger(runs.tracking_uri(), run_id)  # it must not end the run after `fit`
     module = ArmModule(resolved.module, info.num_classes, cfg.lr, cfg.weight_decay, cfg.epochs,
                        cfg.channels_last, resolved.arch)
     if cfg.channels_last:
@@ -171,10 +176,8 @@ def log_splits(cfg: Config, client, run_id: str, info: DatasetInfo):
     test dataset."""
     test = lineage.split_dataset(cfg, info.fingerprint, len(info.test), info.class_names)
     splits = {"test": test}
-    if cfg.epochs > 0:
-        root = str(Path(cfg.data.partition(":")[2]).expanduser()) if cfg.data.startswith("imagefolder:") else None
-        splits["train"] = lineage.split_dataset(cfg, fingerprint(info.train, info.class_names, root),
-                                                len(info.train), info.class_names)
+    if cfg.epochs > 0:  # the same training fingerprint as the reuse key's `ab.train_fingerprint`
+        splits["train"] = lineage.split_dataset(cfg, train_fingerprint(info), len(info.train), info.class_names)
     lineage.log_datasets(client, run_id, splits)
     return test
 
@@ -250,8 +253,8 @@ def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_n
         client.log_artifact(run_id, str(pred_path), "predictions")
         extra = Path(tmp) / "metrics"
         extra.mkdir()
-        (extra / "per_class_accuracy.json").write_text(json.dumps(dict(zip(class_names, per_class, strict=True))))
-        (extra / "confusion_matrix.json").write_text(json.dumps(
+        (extra / "per_class_accuracy.json").write_text(runs.strict_json(dict(zip(class_names, per_class, strict=True))))
+        (extra / "confusion_matrix.json").write_text(runs.strict_json(
             {"classes": list(class_names), "matrix": module.confusion_matrix()}))
         client.log_artifacts(run_id, str(extra), "metrics")
 
@@ -273,21 +276,40 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     ctx = ArmContext(args.index, args.parent_run_id, args.experiment_id, args.device, args.lockstep,
                      args.world_size, args.threads)
-    run_id = create_child_run(cfg, ctx)
+    lifecycle.raise_on_signals()  # the launcher stops arms with SIGTERM: end the run KILLED, "interrupted"
+    lifecycle.quiet_interrupts()
     try:
-        run_arm(cfg, ctx, run_id)
-    except BaseException as err:
-        message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {runs.one_line(err)}"
+        run_id = create_child_run(cfg, ctx)
+    except Exception as err:  # no run to end: one line for the launcher
+        reason = lifecycle.unreachable_line(time.time()) if lifecycle.unreachable(err) else runs.one_line(err)
+        message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {reason}"
         if args.error_file:
             Path(args.error_file).write_text(message)
-        client = MlflowClient()
-        client.set_tag(run_id, "ab.error", message[: runs.MAX_TAG])
-        client.set_terminated(run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
         print(f"ablab: error: {message}", file=sys.stderr)
+        return 1
+    lifecycle.start_heartbeat(MlflowClient(), run_id)
+    try:
+        run_arm(cfg, ctx, run_id)
+        lifecycle.verify_predictions(MlflowClient(), run_id)  # FINISHED only with every prediction uploaded
+        lifecycle.complete(MlflowClient(), run_id)
+    except BaseException as err:
+        # Interrupted, what follows (a broken lockstep connection, a broken pipe) is noise: say "interrupted".
+        interrupted = isinstance(err, KeyboardInterrupt) or lifecycle.received_signal() is not None
+        reason = "interrupted" if interrupted else (
+            lifecycle.unreachable_line(time.time()) if lifecycle.unreachable(err) else runs.one_line(err))
+        message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {reason}"
+        if args.error_file:
+            Path(args.error_file).write_text(message)
+        lifecycle.end_run(MlflowClient(), run_id, reason if interrupted else message,
+                          "KILLED" if interrupted else "FAILED")
+        if not interrupted:  # the launcher says "interrupted" once for the job
+            print(f"ablab: error: {message}", file=sys.stderr)
         if os.environ.get("AB_DEBUG"):
             raise
+        if interrupted:  # the run is ended: skip the teardown, which can block in the lockstep store's destructor
+            sys.stderr.flush()
+            os._exit(1)
         return 1
-    MlflowClient().set_terminated(run_id, "FINISHED")
     return 0
 
 

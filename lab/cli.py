@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lab import compare, compare_runs, experiment, leaderboard, report, runs, stats
+from lab import compare, compare_runs, doctor, experiment, leaderboard, lifecycle, report, runs, stats
 from lab.config import FIELDS, config_path, load_config
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "evaluations of that test set")]:  # fmt: skip
         plan.add_argument(f"--{name}", default="", metavar="VALUE", help=text)
     plan.set_defaults(func=cmd_plan)
+    check = sub.add_parser("doctor", help="find ablab runs left RUNNING by a process that is gone; --fix ends them")
+    check.add_argument("--fix", action="store_true", help="end each stale run FAILED (ab.error: stale: process gone)")
+    check.add_argument("--experiment", default="", help="only this experiment (default: every readable one)")
+    check.set_defaults(func=lambda args: doctor.doctor(args.experiment, fix=args.fix))
     return parser
 
 
@@ -171,14 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, run the command, and map its exceptions to one line on stderr and an exit code."""
     args = build_parser().parse_args(argv)
     runs.export_tracking_uri()
+    lifecycle.set_http_defaults()  # bounded retries: a dead tracking server fails a call in seconds, not minutes
+    previous = lifecycle.raise_on_signals()  # SIGTERM and SIGHUP end the runs as Ctrl-C does
     try:
         args.func(args)
     except runs.RunFailed as err:  # the parent run exists and has been ended FAILED or KILLED
         if err.interrupted:
-            return fail("interrupted", EXIT_INTERRUPTED)
+            return fail("interrupted", lifecycle.interrupted_exit_code())
         if os.environ.get("AB_DEBUG"):
             raise
         return fail(str(err), EXIT_FAILED)
     except ValueError as err:  # before any run: ConfigError, ModelError, DataError, ComparisonError, unreadable runs
+        lifecycle.end_outer_run(str(err))  # under `mlflow run` its run exists already
         return fail(str(err), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:  # before the parent run exists
+        lifecycle.end_outer_run("interrupted")
+        return fail("interrupted", lifecycle.interrupted_exit_code())
+    finally:
+        lifecycle.restore_signals(previous)
     return 0

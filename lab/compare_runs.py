@@ -96,7 +96,8 @@ def _job(path: Path, overrides: dict[str, Any]) -> experiment.Job:
     if len(known) > 1:  # before evaluating anything: the runs we have must already agree
         check_comparable(list(known.values()))
     announce = f"ablab: evaluating {', '.join(cfg.arm_specs[i] for i in todo)} (no finished evaluation to reuse)"
-    models = [found[i].data.tags.get("ab.model") or refs[i] if i in found else refs[i] for i in range(len(refs))]
+    # The parent is named by what was asked: a model spec as given, a run id by the model its run evaluated.
+    models = [given[i].data.tags.get("ab.model") or refs[i] if i in given else refs[i] for i in range(len(refs))]
     return experiment.Job(cfg, names, runs.run_name(models),
                           {"ab.role": "parent", "ab.kind": "compare", "ab.arms": ",".join(names)},
                           launch.plan(cfg, len(todo)) if todo else None, reused, known,

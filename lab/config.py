@@ -53,6 +53,7 @@ class Config:
     fake_samples: int = field(default=512, metadata=_range(1))
     fake_classes: int = field(default=10, metadata=_range(2))
     num_workers: int = field(default=0, metadata=_range(0))
+    skip_bad_images: bool = False  # image folders: leave undecodable files out (listed) instead of refusing
 
     # Preprocessing: `shared` gives every arm image_size/mean/std; `native` each timm model its own.
     preprocess: Literal["shared", "native"] = "shared"
@@ -63,12 +64,18 @@ class Config:
     # Models and the optional fine-tune stage (one seeded recipe for every arm).
     pretrained: bool = False
     allow_random_head: bool = False
+    # Loading a pickled MLflow model runs code from its files; only with this opt-in (recorded on the parent).
+    allow_pickle_models: bool = False
     epochs: int = field(default=4, metadata=_range(0, 1000))
     batch_size: int = field(default=64, metadata=_range(1, 65536))
     lr: float = field(default=2e-3, metadata=_range(0.0, 10.0, lo_open=True))
     weight_decay: float = field(default=0.05, metadata=_range(0.0, 10.0))
     augment: Literal["none", "crop_flip"] = "none"
     seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    # B's initial weights and training order (-1: `seed`); the test split always follows `seed`. With a == b
+    # this measures the seed-to-seed noise floor (an A/A test).
+    seed_b: int = field(default=-1, metadata=_range(-1, 2**32 - 1))
+    deterministic: bool = False  # Trainer(deterministic=True): deterministic kernels, cuDNN benchmark off
 
     # Devices, placement and measurement. devices: auto, cpu, or GPU indices like 0,1.
     devices: str = "auto"
@@ -101,6 +108,15 @@ class Config:
     def arm_specs(self) -> tuple[str, ...]:
         """The model spec of every arm, baseline first."""
         return self.arms if self.arms else (self.a, self.b)
+
+    @property
+    def aa_test(self) -> bool:
+        """Every arm is the same model spec: an A/A test of the pipeline and its noise floor."""
+        return len(set(self.arm_specs)) == 1
+
+    def arm_seed(self, index: int) -> int:
+        """The seed of an arm's initial weights and training order: `seed_b` for B where given, else `seed`."""
+        return self.seed_b if index == 1 and self.seed_b >= 0 else self.seed
 
     @property
     def arm_names(self) -> tuple[str, ...]:
@@ -208,8 +224,14 @@ def _check_whole(cfg: Config) -> None:
     """Rules that involve more than one key."""
     if len(cfg.arm_specs) < 2:
         raise ConfigError(f"arms: need at least two models to compare, got {list(cfg.arm_specs)}")
-    if len(set(cfg.arm_specs)) != len(cfg.arm_specs) and not cfg.allow_random_head:
-        raise ConfigError(f"arms: the same model appears twice in {list(cfg.arm_specs)}; give distinct specs")
+    if len(set(cfg.arm_specs)) != len(cfg.arm_specs) and not cfg.allow_random_head and not cfg.aa_test:
+        raise ConfigError(f"arms: the same model appears twice in {list(cfg.arm_specs)}; give distinct specs, or the "
+                          "same spec for every arm (an A/A test)")
+    if cfg.test_fraction >= 1.0 and cfg.epochs > 0:
+        raise ConfigError(f"test_fraction: 1.0 leaves no training images for epochs={cfg.epochs}; use a fraction "
+                          "below 1, or epochs=0 to evaluate as is")
+    if cfg.data.startswith("imagefolder:") and not cfg.data.partition(":")[2].strip():
+        raise ConfigError("data: imagefolder: needs a path; give data=imagefolder:<path to class folders>")
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
         raise ConfigError("mean/std: expected three numbers each (RGB), std > 0")
     if cfg.rule == "equivalence" and cfg.margin == 0.0:

@@ -10,7 +10,6 @@ from then on `runs.parent_run` ends the run FINISHED, FAILED or KILLED.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -68,6 +67,7 @@ def preflight(cfg: Config, indices: Sequence[int]) -> None:
     for i in indices:
         models.preflight(cfg.arm_specs[i], cfg)
     data.resolve_dataset(cfg)
+    data.test_groups(cfg)  # a groups CSV that misses test samples is bad input: say so before any run
 
 
 def run(cfg: Config) -> Outcome:
@@ -77,6 +77,8 @@ def run(cfg: Config) -> Outcome:
     p = launch.plan(cfg, n)
     reused = history.reusable_arms(cfg)  # arm index -> finished child run that evaluated it the same way
     tags = {"ab.role": "parent", "ab.placement": p.placement, "ab.device_kind": p.device,
+            **({"ab.aa_test": "true"} if cfg.aa_test else {}),  # every arm the same model: an A/A test
+            **({"ab.allow_pickle_models": "true"} if cfg.allow_pickle_models else {}),
             "ab.arms": ",".join(cfg.arm_names)}
     announce = f"ablab: {n} arms ({', '.join(cfg.arm_specs)}) on {p.device}, placement={p.placement}"
     outcome = conduct(Job(cfg, list(cfg.arm_names), runs.run_name(cfg.arm_specs), tags, p, reused, announce=announce))
@@ -103,7 +105,7 @@ def conduct(job: Job) -> Outcome:
             arms = collect_arms(client, run, job, Path(tmp))
             history.mark_reused(client, run_id, arms, job.reused)
             lineage.copy_test_input(client, arms[0].run_id, run_id)  # the parent is found by its test set too
-            summary = report.describe(analyse(cfg, arms, class_names(cfg, arms)))
+            summary = report.describe(analyse(cfg, arms, class_names(cfg, arms), groups=test_groups(cfg)))
             log_comparison(client, run_id, cfg, summary, Path(tmp) / "comparison")
             if job.link_sources:
                 link_sources(client, run_id, summary, arms)
@@ -137,6 +139,15 @@ def add_params(client, arms: list[Arm]) -> None:
     that gave two arms different test sets."""
     for arm in arms:
         arm.extra.setdefault("params", dict(client.get_run(arm.run_id).data.params))
+
+
+def test_groups(cfg: Config) -> dict[int, str] | None:
+    """sample_id -> group of the test set when the config asks for clustered analysis (group_by, groups)."""
+    if cfg.group_by == "none" and not cfg.groups:
+        return None
+    from lab import data  # torch: only when groups are asked for
+
+    return data.test_groups(cfg)
 
 
 def class_names(cfg: Config, arms: list[Arm]) -> tuple[str, ...] | None:
@@ -175,7 +186,7 @@ def log_comparison(client, parent_run_id: str, cfg: Config, summary: dict[str, A
     tags += [RunTag(f"ab.child.{a['name']}", a["run_id"]) for a in summary["arms"]]
     for start in range(0, len(metrics), 1000):
         client.log_batch(parent_run_id, metrics=metrics[start : start + 1000], tags=tags if start == 0 else [])
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    (out_dir / "summary.json").write_text(runs.strict_json(summary, indent=1))  # NaN -> null: valid JSON
     client.log_artifacts(parent_run_id, str(out_dir), "comparison")
 
 

@@ -19,6 +19,7 @@ recipe needs to match, only the test set, preprocessing and precision.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from lab import runs
+from lab import lifecycle, runs
 from lab.compare import Arm
 from lab.config import Config, flat_params
 from lab.registry import REGISTRY_VERSION
@@ -46,6 +47,9 @@ class EvalKey:
     preprocess: str
     precision: str
     recipe: tuple[tuple[str, str], ...]
+    # Fine-tunes: (tag, value) pairs the child must carry too (lab/data/keys.training_tags: the arm's seed,
+    # determinism, the training split's contents, library versions).
+    training: tuple[tuple[str, str], ...] = ()
 
 
 def recipe(cfg: Config) -> tuple[tuple[str, str], ...]:
@@ -83,7 +87,8 @@ def find_reusable(client, key: EvalKey, experiment_ids: Sequence[str] | None = N
     for run in runs.search_children(client, " and ".join(clauses), experiment_ids):
         tags, params = run.data.tags, run.data.params
         if (tags.get("ab.model_identity") == key.identity and _same_test(tags, key)
-                and all(params.get(k) == v for k, v in key.recipe)):
+                and all(params.get(k) == v for k, v in key.recipe) and all(tags.get(k) == v for k, v in key.training)
+                and lifecycle.reusable(client, run)):
             return run
     registered = REGISTRY_VERSION.fullmatch(key.identity)
     if registered is None or _quoted(registered["name"] + registered["version"]) is None or "`" in key.identity:
@@ -91,7 +96,8 @@ def find_reusable(client, key: EvalKey, experiment_ids: Sequence[str] | None = N
     tag = f"ab.registered.{registered['name']}"
     query = f"tags.`{tag}` = '{registered['version']}'"
     return next((run for run in runs.search_children(client, query, experiment_ids)
-                 if run.data.tags.get(tag) == registered["version"] and _same_test(run.data.tags, key)), None)
+                 if run.data.tags.get(tag) == registered["version"] and _same_test(run.data.tags, key)
+                 and lifecycle.reusable(client, run)), None)
 
 
 def _same_test(tags: dict[str, str], key: EvalKey) -> bool:
@@ -103,7 +109,7 @@ def reusable_arms(cfg: Config, indices: Sequence[int] | None = None) -> dict[int
     """arm index -> the FINISHED child run that already evaluated it the same way (none with rerun=true)."""
     if cfg.rerun:
         return {}
-    from lab.data import resolve_dataset  # torch: only `run` and `compare` of model specs get here
+    from lab.data import resolve_dataset, training_tags  # torch: only `run` and `compare` of model specs get here
 
     client, info = MlflowClient(), resolve_dataset(cfg)
     found = {}
@@ -111,22 +117,37 @@ def reusable_arms(cfg: Config, indices: Sequence[int] | None = None) -> dict[int
         experiments = runs.readable_experiment_ids(client)
         for i in indices if indices is not None else range(len(cfg.arm_specs)):
             key = expected_key(cfg.arm_specs[i], cfg, info.num_classes, info.fingerprint)
+            if key is not None:  # the training data, seed and libraries: a changed training image trains again
+                key = dataclasses.replace(key, training=tuple(training_tags(cfg, i, info).items()))
             if key is not None and (run := find_reusable(client, key, experiments)) is not None:
                 found[i] = run
+        if note := lifecycle.stale_note(client, experiments):  # a crashed job's runs: never reused
+            print(note, file=sys.stderr)
     except MlflowException as err:  # unreachable server, no permission: one line before any run exists
         raise ValueError(runs.mlflow_error_line(err, "looking for finished evaluations to reuse")) from None
     for i, run in found.items():
         print(f"ablab: arm {cfg.arm_names[i]} ({cfg.arm_specs[i]}) reuses the predictions of run {run.info.run_id} "
-              "(same model, test set, preprocessing, precision and recipe; rerun=true evaluates again)",
+              f"(same {reuse_key_line(cfg.epochs > 0)}; rerun=true evaluates again)",
               file=sys.stderr)
     return found
 
 
+def reuse_key_line(fine_tune: bool) -> str:
+    """What a reused arm matched on, in words (the console line and the parent's `ab.reuse_key.<arm>` tag)."""
+    if not fine_tune:
+        return "model, test set, preprocessing, precision and epochs=0"
+    return ("model, test set, preprocessing, precision, recipe (" + ", ".join(RECIPE_KEYS) + "), seed of the arm, "
+            "deterministic, training-split contents and torch/torchvision/timm/lightning versions")
+
+
 def mark_reused(client, parent_run_id: str, arms: list[Arm], reused: dict[int, Run]) -> None:
-    """Reused arms say so in the report (Arm.extra) and on the parent (tag ab.reused.<arm> = run id)."""
+    """Reused arms say so in the report (Arm.extra) and on the parent (tags ab.reused.<arm> = run id, and
+    ab.reuse_key.<arm> = what matched)."""
     tags = []
     for i, run in reused.items():
         arms[i].extra["reused_from"] = run.info.run_id
         tags.append(RunTag(f"ab.reused.{arms[i].name}", run.info.run_id))
+        fine_tune = run.data.params.get("epochs", "0") != "0"
+        tags.append(RunTag(f"ab.reuse_key.{arms[i].name}", reuse_key_line(fine_tune)))
     if tags:
         client.log_batch(parent_run_id, tags=tags)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from lab import runs
+from lab import lifecycle, runs
 from lab.config import Config
 
 
@@ -89,6 +89,7 @@ def arm_env(p: Plan, index: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = runs.tracking_uri()
     env["AB_PLACEMENT"] = p.placement
+    lifecycle.set_http_defaults(env)  # a dead tracking server fails an arm's call in seconds, not minutes
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH")]))
     if p.device == "cuda":
@@ -149,6 +150,7 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
             procs[i] = subprocess.Popen(cmd, env=arm_env(p, i), preexec_fn=_die_with_parent)
             return procs[i]
 
+        done = False
         try:
             if p.placement == "sequential":
                 for i in indices:
@@ -157,15 +159,37 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
                 for i in indices:
                     start(i)
                 _wait_all(procs, codes, server)
+            done = True
         finally:
             _stop(procs.values())  # interrupted (Ctrl-C, an exception): no arm outlives the launcher
             if server is not None:
                 server.close()
+            settle_children(experiment_id, parent_run_id, procs, interrupted=not done)
         messages = {i: errors[i].read_text().strip() if errors[i].exists() else "" for i in indices}
     by_index = runs.children_of(MlflowClient(), experiment_id, parent_run_id)
     return [ArmOutcome(i, names[i], by_index.get(i), codes[i],
-                       messages[i] or (f"arm {names[i]} exited with code {codes[i]}" if codes[i] else ""))
+                       messages[i] or exit_line(names[i], codes[i]))
             for i in indices]
+
+
+def exit_line(name: str, code: int) -> str:
+    """Why an arm that wrote no error line failed ("" for none): killed by a signal, or its exit code."""
+    if code < 0:
+        return f"arm {name} killed by signal {-code}"
+    return f"arm {name} exited with code {code}" if code else ""
+
+
+def settle_children(experiment_id: str, parent_run_id: str, procs: dict[int, subprocess.Popen],
+                    interrupted: bool) -> None:
+    """Every arm process has exited: a child run one left RUNNING (killed by a signal, or stopped with the job)
+    is ended with the reason. Best effort: where the server is gone, `python -m lab doctor --fix` closes it."""
+    try:
+        client = MlflowClient()
+        for i, run_id in runs.children_of(client, experiment_id, parent_run_id).items():
+            if i in procs:
+                lifecycle.settle_arm(client, run_id, procs[i].returncode, interrupted)
+    except Exception:
+        pass
 
 
 def _wait_all(procs: dict[int, subprocess.Popen], codes: dict[int, int], server) -> None:

@@ -18,9 +18,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from statsmodels.stats.multitest import multipletests
 
-from lab import runs, stats
+from lab import lifecycle, runs, stats
 from lab.compare import Arm, align, check_comparable, fetch_arms
 from lab.config import Config, unique_names
 
@@ -36,8 +35,8 @@ def leaderboard_table(arms: list[Arm], context: dict[str, dict[str, Any]] | None
     """One row per evaluation, best first; `context` adds columns per run id (experiment name, epochs).
 
     The best arm (highest accuracy; the first listed among ties) is tested against every other with McNemar
-    `method`; the k - 1 p-values are Holm-adjusted (statsmodels `multipletests`), and `worse_than_best` is
-    adjusted p < `alpha`.
+    `method`; the k - 1 p-values are Holm-adjusted (`stats.adjust_pvalues`, checked against statsmodels), and
+    `worse_than_best` is adjusted p < `alpha`.
     """
     if not arms:
         raise ValueError("leaderboard needs at least one evaluation; got none")
@@ -51,7 +50,7 @@ def leaderboard_table(arms: list[Arm], context: dict[str, dict[str, Any]] | None
     raw, holm = np.full(k, np.nan), np.full(k, np.nan)
     if others:
         raw[others] = [stats.mcnemar(correct[:, best], correct[:, j], method=method).pvalue for j in others]
-        holm[others] = multipletests(raw[others], alpha=alpha, method="holm")[1]
+        holm[others] = stats.adjust_pvalues(raw[others], "holm")
     rows = []
     for j, arm in enumerate(arms):
         w = stats.wilson_ci(int(correct[:, j].sum()), n, 1 - alpha)
@@ -131,6 +130,10 @@ def _rank(cfg: Config, fingerprint: str) -> pd.DataFrame:
     """The table of every FINISHED child run on `fingerprint`, in every experiment this user can read."""
     client = MlflowClient()
     found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'")
+    # A run ended FINISHED by an older ablab before its predictions existed (killed in test) cannot be ranked.
+    found = [r for r in found if lifecycle.is_complete(r) or lifecycle.has_predictions(client, r.info.run_id)]
+    if note := lifecycle.stale_note(client, runs.readable_experiment_ids(client)):
+        print(note, file=sys.stderr)
     if not found:
         raise ValueError(f"no FINISHED ablab evaluation on dataset fingerprint {fingerprint} in any "
                          "experiment you can read")

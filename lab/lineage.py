@@ -13,6 +13,7 @@ the parent and children of every job on that test set.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -74,6 +75,9 @@ def split_dataset(cfg: Config, fingerprint: str, n: int, class_names: tuple[str,
         @property
         def profile(self) -> dict[str, Any]:
             return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return super().to_dict() | {"profile": json.dumps(profile)}
 
     schema = Schema([ColSpec("long", "sample_id"), ColSpec("long", "label"), ColSpec("binary", "image")])
     return _Split(_source(cfg.data, cfg.seed), name=dataset_name(cfg.data), digest=digest(fingerprint),
@@ -151,7 +155,9 @@ def source_model_id(client, spec: str, identity: str) -> str | None:
             return spec.removeprefix("models:/").split("/")[0]
         if identity.startswith("models:/"):
             name, _, version = identity.removeprefix("models:/").partition("/")
-            return client.get_model_version(name, version).model_id or None
+            mv = client.get_model_version(name, version)
+            # SQL stores leave model_id unset; the source of a version registered from a logged model names it.
+            return mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None)
         if spec.startswith("runs:/"):
             run_id, _, name = spec.removeprefix("runs:/").partition("/")
             experiment_id = client.get_run(run_id).info.experiment_id

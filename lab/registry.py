@@ -30,6 +30,7 @@ from lab.compare import Arm
 
 # Verdicts (lab.stats.decide) under which B replaces the alias holder: superiority and non-inferiority shown.
 WINNING_VERDICTS = frozenset({"b_better", "b_non_inferior"})
+EVALUATED_AS_VERSION = "evaluated as this version"
 REGISTRY_VERSION = re.compile(r"models:/(?P<name>[^/@]+)/(?P<version>\d+)")
 
 
@@ -66,7 +67,7 @@ def register_arm(client, name: str, arm: Arm) -> tuple[str | None, str]:
     already registered from its logged model, or a new one; (None, why) when it logged no weights."""
     own = registry_version(arm)
     if own is not None and own[0] == name:
-        return own[1], "evaluated as this version"
+        return own[1], EVALUATED_AS_VERSION
     model_id, fmt = arm.tags.get("ab.logged_model"), arm.tags.get("ab.logged_model_format", "")
     if not model_id or fmt not in ("pt2", "safetensors"):
         return None, "no weights logged (scored as it is, or log_model=false)" if model_id else "no logged model"
@@ -90,6 +91,7 @@ def register_arms(client, parent_run_id: str, name: str, arms: list[Arm]) -> dic
         tags.append(RunTag(f"ab.registered.{arm.name}", f"{name}/{version}" if version else f"none: {how}"))
         if version is not None:
             versions[i] = (name, version)
+        if version is not None and how != EVALUATED_AS_VERSION:  # its identity already names the version
             client.set_tag(arm.run_id, f"ab.registered.{name}", version)
         where = f"models:/{name}/{version}" if version else "not registered"
         print(f"ablab: arm {arm.name}: {where} ({how})", file=sys.stderr)

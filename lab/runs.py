@@ -11,13 +11,19 @@ MLFLOW_EXPERIMENT_NAME, else `ablab`; under `mlflow run` it is the run MLflow cr
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import mlflow
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
+
+from lab import lifecycle
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded store, in the working directory
 DEFAULT_EXPERIMENT = "ablab"
@@ -107,6 +113,10 @@ def use_experiment(experiment: str) -> str:
     except MlflowException as err:
         what = f"experiment id {by_id} (MLFLOW_EXPERIMENT_ID)" if by_id else f"experiment {name!r}"
         raise ValueError(mlflow_error_line(err, what)) from None
+    finally:  # set_experiment exports MLFLOW_EXPERIMENT_ID: the environment must stay the user's choice
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        if by_id:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = by_id
     return chosen.experiment_id
 
 
@@ -124,6 +134,8 @@ def parent_run(experiment: str, run_name: str) -> Iterator[Run]:
     else:
         use_experiment(experiment)
         run = mlflow.start_run(run_name=run_name)
+    mlflow.set_tags(lifecycle.owner_tags())  # `python -m lab doctor` tells a crashed job's run by these
+    lifecycle.start_heartbeat(mlflow.MlflowClient(), run.info.run_id)
     try:
         yield run
     except KeyboardInterrupt as err:
@@ -133,15 +145,22 @@ def parent_run(experiment: str, run_name: str) -> Iterator[Run]:
         _end(run.info.run_id, str(err), "FAILED")
         raise
     except Exception as err:
-        _end(run.info.run_id, one_line(err), "FAILED")
-        raise RunFailed(one_line(err)) from err
+        line = one_line(err)
+        if lifecycle.unreachable(err):
+            line = (f"{lifecycle.unreachable_line(time.time())}; runs it could not end stay RUNNING until "
+                    "`python -m lab doctor --fix` once the server is back")
+        _end(run.info.run_id, line, "FAILED")
+        raise RunFailed(line) from err
     mlflow.end_run("FINISHED")
 
 
 def _end(run_id: str, message: str, status: str) -> None:
-    """Record why, then end the active run (else MLflow's exit hook would mark it FINISHED)."""
-    mlflow.MlflowClient().set_tag(run_id, "ab.error", message[:MAX_TAG])
-    mlflow.end_run(status)
+    """Record why, then end the active run (else MLflow's exit hook would mark it FINISHED). Best effort: a lost
+    server cannot be told, and `end_run` forgets the active run before it calls the server."""
+    with suppress(Exception):
+        mlflow.MlflowClient().set_tag(run_id, "ab.error", message[:MAX_TAG])
+    with suppress(Exception):
+        mlflow.end_run(status)
 
 
 def children_of(client, experiment_id: str, parent_run_id: str) -> dict[int, str]:
@@ -177,3 +196,21 @@ def search_children(client, filter_string: str = "", experiment_ids: Sequence[st
             if not token:
                 break
     return sorted(runs, key=lambda r: r.info.start_time, reverse=True)
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON that every parser accepts: NaN and infinities (a class absent from the test set, an undefined
+    interval) are written as null, numpy numbers and arrays as plain ones (summary.json, metrics/*.json)."""
+
+    def finite(v: Any) -> Any:
+        if hasattr(v, "tolist"):  # numpy scalar or array
+            v = v.tolist()
+        if isinstance(v, dict):
+            return {str(k): finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    return json.dumps(finite(value), indent=indent, allow_nan=False, default=str)

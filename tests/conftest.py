@@ -44,10 +44,12 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)  # restored as they were after the test
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("Default")  # forget an active experiment id left by an earlier test's store
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # which set_experiment exports: `run` would honour it
     yield uri
     if mlflow.active_run():
         mlflow.end_run()

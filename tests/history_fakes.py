@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from conftest import FAST_ARGS
+from mlflow.entities import RunTag
 
 from lab.compare import Arm
 from lab.config import Config, flat_params, load_config
@@ -56,7 +57,8 @@ def log_child(client, experiment_id: str, frame: pd.DataFrame, *, model: str = "
     """A child run as lab/arm.py leaves it: tags, params, metrics and predictions/predictions.parquet."""
     parent = parent_run_id or log_parent(client, experiment_id)
     tags = TAGS | {"ab.arm": arm, "ab.model": model, "mlflow.parentRunId": parent,
-                   "ab.model_identity": identity or f"timm:{model}:pretrained=False:classes=3"} | tag_changes
+                   "ab.model_identity": identity or f"timm:{model}:pretrained=False:classes=3"}
+    tags |= ({"ab.complete": "true"} if status == "FINISHED" else {}) | tag_changes  # as lab/lifecycle.py ends it
     run_id = client.create_run(experiment_id, tags=tags, run_name=f"{arm}: {model}").info.run_id
     for key, value in ({"data": "fake", "epochs": "0", "seed": "0"} | (params or {})).items():
         client.log_param(run_id, key, value)
@@ -88,23 +90,45 @@ def fast_dataset() -> tuple[str, np.ndarray, np.ndarray, str]:
     return info.fingerprint, info.test.sample_ids, info.test.labels, preprocess_for(cfg, None).describe()
 
 
-def log_fast_child(client, experiment_id: str, accuracy: float, identity: str, seed: int = 0, **kw) -> str:
-    """A fake child on the FAST_ARGS test set, as an arm of that config would log it."""
+def log_fast_child(client, experiment_id: str, accuracy: float, identity: str, seed: int = 0,
+                   logged_model: bool = False, **kw) -> str:
+    """A fake child on the FAST_ARGS test set, as an arm of that config would log it: with its test set as a
+    dataset input, and (`logged_model`) a logged model of fake weights, as a fine-tuned arm logs."""
+    from lab import lineage
+
     fp, ids, labels, pre = fast_dataset()
     frame = predictions(labels, correct_mask(len(labels), accuracy, seed), ids, num_classes=10)
     params = {k: v for k, v in flat_params(fast_cfg()).items() if k not in ("a", "b")}
-    return log_child(client, experiment_id, frame, identity=identity, params=params,
-                     **{"ab.dataset_fingerprint": fp, "ab.preprocess": pre, "ab.num_classes": "10"} | kw)
+    run_id = log_child(client, experiment_id, frame, identity=identity, params=params,
+                       **{"ab.dataset_fingerprint": fp, "ab.preprocess": pre, "ab.num_classes": "10"} | kw)
+    lineage.log_datasets(client, run_id, {"test": lineage.split_dataset(fast_cfg(), fp, len(ids), None, 10)})
+    if logged_model:
+        model_id = log_fake_model(client, run_id, experiment_id)
+        client.log_batch(run_id, tags=[RunTag("ab.logged_model", model_id), RunTag("ab.logged_model_format", "pt2")])
+    return run_id
+
+
+def log_fake_model(client, run_id: str, experiment_id: str) -> str:
+    """A logged model `model` of the run holding one small file, as lab.lineage.log_stored_model logs one."""
+    from lab import lineage
+
+    def write(folder: Path, record) -> str:
+        folder.mkdir(parents=True)
+        (folder / "weights.bin").write_bytes(run_id.encode())
+        return "pt2"
+
+    return lineage.log_stored_model(client, run_id, experiment_id, write, {"ablab.test": "fake"})[0]
 
 
 class FakeArms:
     """Stands in for lab.launch.run_arms: logs the child runs the arms would (on the FAST_ARGS test set, with the
     identity lab.models gives the spec), and records which arms it was asked for. `fail` names arms that fail."""
 
-    def __init__(self, accuracy: float = 0.5, fail: tuple[int, ...] = ()) -> None:
+    def __init__(self, accuracy: float | tuple[float, ...] = 0.5, fail: tuple[int, ...] = (),
+                 logged_models: bool = False) -> None:
         self.calls: list[list[int]] = []
         self.configs: list[Config] = []
-        self.accuracy, self.fail = accuracy, fail
+        self.accuracy, self.fail, self.logged_models = accuracy, fail, logged_models
 
     def __call__(self, cfg, cfg_path, parent_run_id, experiment_id, p, indices=None) -> list[ArmOutcome]:
         from mlflow import MlflowClient
@@ -120,7 +144,9 @@ class FakeArms:
             if i in self.fail:
                 outcomes.append(ArmOutcome(i, name, None, 1, f"arm {name} ({spec}): RuntimeError: boom"))
                 continue
-            run_id = log_fast_child(MlflowClient(), experiment_id, self.accuracy, expected_identity(spec, cfg, 10),
-                                    seed=i, parent_run_id=parent_run_id, arm=name, model=spec)
+            accuracy = self.accuracy[i] if isinstance(self.accuracy, tuple) else self.accuracy
+            run_id = log_fast_child(MlflowClient(), experiment_id, accuracy, expected_identity(spec, cfg, 10),
+                                    seed=i, logged_model=self.logged_models, parent_run_id=parent_run_id, arm=name,
+                                    model=spec)
             outcomes.append(ArmOutcome(i, name, run_id, 0, ""))
         return outcomes

@@ -25,7 +25,7 @@ from lab.models import ArmModule, ResolvedModel, preprocess_for
 
 N_CLASSES = 4
 MLFLOW_CALLS = ("log_metric", "log_batch", "set_tag", "log_param", "log_artifact", "log_artifacts",
-                "set_terminated", "create_run")
+                "set_terminated", "create_run", "log_inputs", "log_outputs")
 
 
 class OomNet(nn.Module):
@@ -200,5 +200,80 @@ def test_an_arm_makes_the_same_mlflow_calls_whatever_the_number_of_batches(
         assert len(logged_predictions(run_id)) == n_test
         calls[n_test] = dict(counts)
     assert calls[8] == calls[48]
-    # params+tags, hyperparameters, test_accuracy, telemetry summary, tags and series, per-class metrics
-    assert calls[8]["log_batch"] <= 7 and sum(calls[8].values()) <= 12, calls[8]
+    # params+tags, hyperparameters, test_accuracy, telemetry summary, tags and series, per-class metrics; the
+    # lineage: dataset inputs, the external model (its output, tags), the metrics linked to it and the test set
+    assert calls[8]["log_batch"] <= 9 and calls[8]["log_inputs"] == calls[8]["log_outputs"] == 1, calls[8]
+    assert sum(calls[8].values()) <= 14, calls[8]
+
+
+# ---- lineage: datasets, the logged model, linked metrics ---------------------------------------------------
+
+
+def test_a_fine_tuned_arm_logs_its_splits_and_a_pt2_model_that_reloads_with_its_preprocessing(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from lab.data import resolve_dataset
+    from lab.lineage import digest
+    from lab.models import resolve_model
+
+    cfg = config(epochs=1)
+    net = OomNet(fits=1000).net  # without the out-of-memory bookkeeping, which torch.export cannot trace
+    use_network(monkeypatch, net)
+    run_id, ctx = start_child(cfg)
+    arm.run_arm(cfg, ctx, run_id)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    info = resolve_dataset(cfg)
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"test", "train"} and inputs["test"].digest == digest(info.fingerprint)
+    assert inputs["test"].name == "fake" and inputs["train"].digest != inputs["test"].digest
+    assert '"num_samples": 12' in inputs["test"].profile and '"num_classes": 4' in inputs["test"].profile
+    tags = run.data.tags
+    assert tags["ab.logged_model_format"] == "pt2"
+    model = client.get_logged_model(tags["ab.logged_model"])
+    assert (model.name, model.source_run_id, str(model.status)) == ("model", run_id, "READY")
+    linked = {m.key: m for m in model.metrics}
+    assert linked["test_accuracy"].value == run.data.metrics["test_accuracy"]
+    assert linked["test_accuracy"].dataset_digest == digest(info.fingerprint)
+    assert {"latency_ms_p50", "throughput_img_per_s", "cpu_rss_peak_mb"} <= set(linked)
+
+    reloaded = resolve_model(f"runs:/{run_id}/model", config(preprocess="native"), N_CLASSES)
+    assert reloaded.native == preprocess_for(cfg, None) and reloaded.identity.startswith("sha256:")
+    x = torch.randn(3, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(reloaded.module(x), net.eval()(x))
+
+
+def test_log_model_false_links_an_external_model_without_weights(tracking: str, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    cfg = config(epochs=1, log_model=False)
+    use_network(monkeypatch, OomNet(fits=1000))
+    run_id, ctx = start_child(cfg)
+    arm.run_arm(cfg, ctx, run_id)
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    model = client.get_logged_model(tags["ab.logged_model"])
+    assert tags["ab.logged_model_format"] == "external" and model.name == "oomnet"
+    assert model.tags["ablab.weights"] == "not logged (log_model=false)"
+    assert model.tags["ablab.identity"] == "test:oomnet"
+    assert [f.path for f in client.list_logged_model_artifacts(model.model_id)] == ["MLmodel"]  # MLflow's stub
+
+
+def test_a_model_that_torch_export_cannot_trace_is_logged_as_safetensors_and_says_why(tracking: str,
+                                                                                      monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    cfg = config(epochs=1)
+    use_network(monkeypatch, OomNet(fits=1000))  # counts its calls in a dict keyed by the batch size: untraceable
+    run_id, ctx = start_child(cfg)
+    arm.run_arm(cfg, ctx, run_id)
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    model = client.get_logged_model(tags["ab.logged_model"])
+    assert tags["ab.logged_model_format"] == "safetensors" and str(model.status) == "READY"
+    assert model.tags["ablab.format"].startswith("safetensors (pt2 export failed: ")
+    files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
+    assert files == {"model.safetensors", "extra_files"}

@@ -11,6 +11,7 @@ import re
 
 import mlflow
 import numpy as np
+import pytest
 from history_fakes import FINGERPRINT, FakeArms, correct_mask, log_child, log_fast_child, log_parent, predictions
 
 from lab import launch
@@ -46,7 +47,7 @@ def test_compare_runs_from_two_experiments_in_a_new_parent(tracking: str, capsys
     [parent] = parent_runs("team-c", kind="compare")
     tags = parent.data.tags
     assert parent.info.status == "FINISHED" and tags["ab.verdict"] == "b_better"
-    assert parent.info.run_name == "compare: a vs b" and tags["ab.arms"] == "a,b"
+    assert parent.info.run_name == "resnet10t vs mobilenetv3_small_100" and tags["ab.arms"] == "a,b"
     assert out.err.splitlines()[-1] == (f"ablab: verdict b_better; report: comparison/report.html in run "
                                         f"{parent.info.run_id} (#/experiments/{parent.info.experiment_id}/runs/"
                                         f"{parent.info.run_id})")
@@ -60,25 +61,67 @@ def test_compare_runs_from_two_experiments_in_a_new_parent(tracking: str, capsys
         "comparison/report.html", "comparison/report.md", "comparison/summary.json"}
 
 
-def test_compare_refuses_incomparable_or_wrong_runs_with_one_line(tracking: str, capsys) -> None:
+def _refusal(capsys, run_a: str, run_b: str) -> str:
+    """The one line `compare` refuses two runs with (exit code 2, no traceback, no run created)."""
+    assert main(["compare", "--a", run_a, "--b", run_b]) == 2
+    err = capsys.readouterr().err.strip()  # MLflow's own INFO lines may come first
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if "error" in ln] == [err.splitlines()[-1]]
+    return err.splitlines()[-1]
+
+
+OTHER = "sha256:" + "cd" * 16
+RELABELLED = np.where(np.isin(np.arange(60), [4, 7]), (LABELS + 1) % 3, LABELS)
+GUARD_CASES = {  # what differs -> (predictions of b, tags of b, params of b, <what>, <fix>)
+    "samples": (predictions(LABELS[1:], LABELS[1:] > 0, np.arange(1, 60)), {"ab.dataset_fingerprint": OTHER},
+                {"seed": "1"}, "1 sample ids in only one, 60 vs 59 samples",
+                "compare runs made with the same data, seed and test_fraction"),
+    "labels": (predictions(RELABELLED, LABELS > 0), {"ab.dataset_fingerprint": OTHER}, {},
+               "labels differ on 2 samples, first sample 4: 1 vs 2",
+               "the arms did not score the same ground truth; evaluate both models on the same dataset, split and "
+               "seed"),
+    "classes": (predictions(LABELS, LABELS > 0), {"ab.num_classes": "4"}, {}, "number of classes 3 vs 4",
+                "evaluate both models on a dataset with the same classes"),
+    "label map": (predictions(LABELS, LABELS > 0), {"ab.label_map": "other", "ab.dataset_fingerprint": OTHER},
+                  {"data": "digits"}, "label map (class names and their order) labelmap3 vs other",
+                  "compare runs made with the same data, seed and test_fraction"),
+    "images": (predictions(LABELS, LABELS > 0), {"ab.dataset_fingerprint": OTHER}, {},
+               "same sample ids and labels but different images or class names",
+               "evaluate both models on the same dataset, split and seed"),
+}
+
+
+@pytest.mark.parametrize("kind", list(GUARD_CASES))
+def test_compare_refuses_runs_scored_on_different_test_sets_with_the_cause_and_the_fix(tracking: str, capsys,
+                                                                                        kind: str) -> None:
+    frame, tags, params, what, fix = GUARD_CASES[kind]
     client = mlflow.MlflowClient()
     exp = client.create_experiment("team-a")
     run_a = log_child(client, exp, predictions(LABELS, LABELS > 0))
-    run_b = log_child(client, exp, predictions(LABELS, LABELS > 1), model="resnet18",
-                      **{"ab.dataset_fingerprint": "sha256:" + "cd" * 16})
+    run_b = log_child(client, exp, frame, model="resnet18", params=params, **tags)
+    cause = {k: ({"data": "fake", "seed": "0"}[k], v) for k, v in params.items()}  # log_child's defaults for a
+    shown_a = "".join(f", {k} {va}" for k, (va, _) in cause.items())
+    shown_b = "".join(f", {k} {vb}" for k, (_, vb) in cause.items())
+    fingerprint_b = tags.get("ab.dataset_fingerprint", FINGERPRINT)[:15]
+    assert _refusal(capsys, run_a, run_b) == (
+        f"ablab: error: arm a (run {run_a[:8]}…{shown_a}) and arm b (run {run_b[:8]}…{shown_b}) were scored on "
+        f"different test sets (fingerprint {FINGERPRINT[:15]}… vs {fingerprint_b}…; {what}): {fix}")
+    assert parent_runs("ablab", kind="compare") == []  # refused before any run was created
+
+
+def test_compare_refuses_wrong_runs_with_one_line(tracking: str, capsys) -> None:
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("team-a")
+    run_a = log_child(client, exp, predictions(LABELS, LABELS > 0))
     parent = log_parent(client, exp)
     failed = log_child(client, exp, predictions(LABELS, LABELS > 1), status="FAILED")
     cases = [
-        (run_b, rf"dataset fingerprint differs: a \(run {run_a[:8]}\) has {FINGERPRINT}, b \(run {run_b[:8]}\) has "),
         ("0" * 32, f"run {'0' * 32} does not exist on sqlite:///"),
         (parent, f"run {parent} is an ablab parent"),
         (failed, f"run {failed} is FAILED, not FINISHED"),
     ]
     for other, message in cases:
-        assert main(["compare", "--a", run_a, "--b", other]) == 2
-        err = capsys.readouterr().err.strip()  # MLflow's own INFO lines may come first
-        assert "Traceback" not in err and [ln for ln in err.splitlines() if "error" in ln] == [err.splitlines()[-1]]
-        assert re.match(f"ablab: error: {message}", err.splitlines()[-1]), err
+        line = _refusal(capsys, run_a, other)
+        assert re.match(f"ablab: error: {message}", line), line
     assert parent_runs("ablab", kind="compare") == []  # refused before any run was created
 
 

@@ -138,24 +138,13 @@ def test_cifar_without_network_names_the_fix(tmp_path: Path, monkeypatch: pytest
     assert "blocked by the test" in str(info.value) and "\n" not in str(info.value)
 
 
-def _groups_cfg(**values):
-    """build_config, with the group keys beside it until lab/config.py has them."""
-    from types import SimpleNamespace
-
-    from lab.config import FIELD_BY_NAME
-
-    cfg = build_config({k: v for k, v in values.items() if k in FIELD_BY_NAME})
-    pending = {k: v for k, v in values.items() if k not in FIELD_BY_NAME}
-    return SimpleNamespace(**(vars(cfg) | pending)) if pending else cfg
-
-
 def test_groups_from_subfolders_below_the_class_folders(tmp_path: Path) -> None:
     from lab import data
 
     for cls, group, count in [("cat", "p1", 3), ("cat", "p2", 2), ("dog", "p1", 2), ("dog", "p3", 3)]:
         _write_folder(tmp_path / "imgs" / cls, {group: count})
     _write_folder(tmp_path / "imgs", {"dog": 1})  # dog/0.png: directly in its class folder, a group of its own
-    cfg = _groups_cfg(data=f"imagefolder:{tmp_path / 'imgs'}", test_fraction=0.99, group_by="subfolder")
+    cfg = build_config({"data": f"imagefolder:{tmp_path / 'imgs'}", "test_fraction": 0.99, "group_by": "subfolder"})
     info = data.resolve_dataset(cfg)
     groups = data.test_groups(cfg)
     assert set(groups) == {int(i) for i in info.test.sample_ids}
@@ -172,7 +161,8 @@ def test_groups_from_a_csv_by_file_or_sample_id(tmp_path: Path) -> None:
     from lab import data
 
     _write_folder(tmp_path / "imgs", {"cat": 4, "dog": 4})
-    cfg = _groups_cfg(data=f"imagefolder:{tmp_path / 'imgs'}", test_fraction=0.5, groups=str(tmp_path / "g.csv"))
+    cfg = build_config({"data": f"imagefolder:{tmp_path / 'imgs'}", "test_fraction": 0.5,
+                        "groups": str(tmp_path / "g.csv")})
     info = data.resolve_dataset(cfg)
     files = [Path(p).relative_to(tmp_path / "imgs").as_posix() for p in info.test.paths]
     pd.DataFrame({"file": files, "group": [f.split("/")[0] for f in files]}).to_csv(tmp_path / "g.csv", index=False)
@@ -181,7 +171,7 @@ def test_groups_from_a_csv_by_file_or_sample_id(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"groups: 1 of the {len(files)} test samples have no group in .*g\.csv "
                                         rf"\(first: {files[0]}\)"):  # fmt: skip
         data.test_groups(cfg)
-    digits = _groups_cfg(data="digits", groups=str(tmp_path / "ids.csv"))
+    digits = build_config({"data": "digits", "groups": str(tmp_path / "ids.csv")})
     ids = data.resolve_dataset(digits).test.sample_ids
     pd.DataFrame({"sample_id": ids, "group": ids // 10}).to_csv(tmp_path / "ids.csv", index=False)
     assert data.test_groups(digits) == {int(i): str(i // 10) for i in ids}
@@ -189,7 +179,7 @@ def test_groups_from_a_csv_by_file_or_sample_id(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="needs columns file \\(or sample_id\\) and group; it has sample"):
         data.test_groups(digits)
     with pytest.raises(DataError, match="group_by=subfolder needs data=imagefolder:<path>; digits has no folders"):
-        data.test_groups(_groups_cfg(data="digits", group_by="subfolder"))
+        data.test_groups(build_config({"data": "digits", "group_by": "subfolder"}))
 
 
 def test_clear_cache_reloads_changed_files(tmp_path: Path) -> None:

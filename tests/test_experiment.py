@@ -110,3 +110,37 @@ def test_log_comparison_logs_metrics_tags_and_the_report(tracking: str) -> None:
     assert {a.path for a in client.list_artifacts(parent, "comparison")} >= {
         "comparison/report.html", "comparison/report.md", "comparison/summary.json"}
     assert summary_of(parent)["verdict"] == summary["verdict"]
+
+
+def test_run_registers_the_arms_and_promotes_b_only_on_a_significant_win(tracking: str, monkeypatch, capsys) -> None:
+    """register + promote_alias from a `run`; then a `compare` of the registered versions reuses both arms."""
+    client = mlflow.MlflowClient()
+    monkeypatch.setattr(launch, "run_arms", FakeArms(accuracy=(0.2, 1.0), logged_models=True))
+    gate = ["--register", "clf", "--promote_alias", "champion"]
+    assert main(["run", *FAST_ARGS, *gate]) == 0
+    [parent] = parent_runs()
+    tags = parent.data.tags
+    assert (tags["ab.verdict"], tags["ab.registered.a"], tags["ab.registered.b"]) == ("b_better", "clf/1", "clf/2")
+    assert (tags["ab.promotion"], tags["ab.promotion_from"], tags["ab.promotion_to"]) == ("moved", "none", "2")
+    assert str(client.get_model_version_by_alias("clf", "champion").version) == "2"
+    assert parent.info.run_name == "resnet10t vs mobilenetv3_small_100"
+    assert [i.tags[0].value for i in parent.inputs.dataset_inputs] == ["test"]  # the children's test set
+
+    monkeypatch.setattr(launch, "run_arms", FakeArms(accuracy=(0.5, 0.5), logged_models=True))
+    assert main(["run", *FAST_ARGS, *gate, "--rerun", "true", "--experiment", "second"]) == 0
+    tags = parent_runs("second")[0].data.tags
+    assert (tags["ab.verdict"], tags["ab.registered.b"]) == ("no_significant_difference", "clf/4")
+    assert (tags["ab.promotion"], tags["ab.promotion_from"], tags["ab.promotion_to"]) == ("kept", "2", "2")
+    assert tags["ab.promotion_reason"] == "verdict no_significant_difference: B did not win under the chosen rule"
+    assert str(client.get_model_version_by_alias("clf", "champion").version) == "2"
+
+    fake = FakeArms()
+    monkeypatch.setattr(launch, "run_arms", fake)
+    capsys.readouterr()
+    assert main(["compare", "--a", "models:/clf@champion", "--b", "models:/clf/1", *FAST_ARGS[:6]]) == 0
+    assert fake.calls == []  # both versions found in the fine-tunes that produced them
+    [compared] = [r for r in parent_runs() if r.data.tags.get("ab.kind") == "compare"]
+    first = {c.data.tags["ab.arm"]: c.info.run_id for c in mlflow.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")}
+    assert (compared.data.tags["ab.reused.a"], compared.data.tags["ab.reused.b"]) == (first["b"], first["a"])
+    assert compared.info.run_name == "clf@champion vs clf/1"

@@ -46,6 +46,21 @@ def test_find_reusable_needs_every_part_of_the_key(tracking: str) -> None:
         assert history.find_reusable(client, other) is None, change
 
 
+def test_a_registry_version_is_found_in_the_fine_tune_that_produced_it(tracking: str) -> None:
+    """`models:/clf/2` evaluated as it is = the predictions its fine-tuned child recorded (registered by
+    lab/registry.py, tag ab.registered.clf = 2): same test set, preprocessing and precision, any recipe."""
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("e")
+    fp, _, _, pre = fast_dataset()
+    tuned = log_fast_child(client, exp, 0.5, "timm:resnet10t:pretrained=False:classes=10", **{"ab.registered.clf": "2"})
+    log_fast_child(client, exp, 0.5, "timm:resnet10t:pretrained=False:classes=10", **{"ab.registered.clf": "3"})
+    key = history.EvalKey("models:/clf/2", fp, pre, "32", (("epochs", "7"),))  # the child's epochs: 0
+    assert history.find_reusable(client, key).info.run_id == tuned
+    for change in ({"identity": "models:/clf/4"}, {"identity": "models:/other/2"}, {"precision": "16-mixed"},
+                   {"preprocess": "size=224"}, {"fingerprint": "sha256:" + "00" * 16}):
+        assert history.find_reusable(client, history.EvalKey(**{**key.__dict__, **change})) is None, change
+
+
 def test_recipe_of_a_fine_tuned_arm_holds_the_training_keys() -> None:
     as_is, tuned = history.recipe(fast_cfg()), dict(history.recipe(fast_cfg(epochs="3", lr="0.01")))
     assert as_is == (("epochs", "0"),)

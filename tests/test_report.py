@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from test_compare import config, make_arms
+from test_compare import make_arms
 from test_stats_mcnemar import pairs
 
 from lab import report, stats
@@ -201,7 +201,7 @@ def test_bayesian_reading_beside_the_verdict(tmp_path: Path) -> None:
     assert re.fullmatch(r"Bayesian reading of m1 vs m0 \(accuracy; Dirichlet posterior, uniform prior\): P\(m1 "
                         r"better\) (= \d+\.\d%|> 99\.9%), P\(m0 better\) (= \d+\.\d%|< 0\.1%); shown, not used for "
                         r"the verdict\.", line), line  # fmt: skip
-    bayes = analyse(config(rule="bayes", margin=0.01, n_resamples=300), make_arms([0.7, 0.75]))
+    bayes = analyse(build_config({"rule": "bayes", "margin": 0.01, "n_resamples": 300}), make_arms([0.7, 0.75]))
     md = report.render(bayes, tmp_path)["report.md"].read_text()
     assert "P(within ±1) = " in md and "it decides the verdict (rule=bayes)" in md and "Decision rule (bayes)" in md
 
@@ -272,7 +272,8 @@ def test_design_effect_end_to_end_on_an_image_folder(tmp_path: Path, duplicates:
     from lab import data
 
     grouped_folder(tmp_path / "imgs", duplicates)
-    cfg = config(data=f"imagefolder:{tmp_path / 'imgs'}", test_fraction=0.5, group_by="subfolder", n_resamples=2000)
+    cfg = build_config({"data": f"imagefolder:{tmp_path / 'imgs'}", "test_fraction": 0.5, "group_by": "subfolder",
+                        "n_resamples": 2000})
     summary = analyse(cfg, brightness_arms(cfg), groups=data.test_groups(cfg))
     pair = summary["pairs"][0]
     assert summary["groups"] == {"source": "subfolder", "n_groups": 59}

@@ -66,10 +66,48 @@ def test_the_run_mlflow_run_created_is_the_parent(tracking: str, monkeypatch: py
     monkeypatch.setenv("MLFLOW_RUN_ID", created)  # as `mlflow run` starts us: its run, in its experiment
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", project)
     mlflow.set_experiment(experiment_id=project)
-    with runs.parent_run("ignored", "ignored") as run:
+    with runs.parent_run("ignored", "resnet18 vs mobilenetv3_small_100") as run:
         pass
     assert run.info.run_id == created and client.get_run(created).info.status == "FINISHED"
     assert mlflow.get_experiment_by_name("ignored") is None
+    assert client.get_run(created).info.run_name == "resnet18 vs mobilenetv3_small_100"  # not MLflow's random name
+
+
+def test_parent_names_read_a_vs_b_and_are_shortened_past_60_characters() -> None:
+    assert runs.run_name(["resnet18", "mobilenetv3_small_100"]) == "resnet18 vs mobilenetv3_small_100"
+    assert runs.run_name(["models:/clf@champion", "runs:/" + "0123456789abcdef" * 2 + "/model", "/w/best.ckpt"]) == (
+        "clf@champion vs run 01234567 vs best.ckpt")
+    long = runs.run_name(["efficientnet_b3.ra2_in1k", "convnext_tiny.fb_in22k_ft_in1k", "resnet50.a1_in1k"])
+    assert len(long) <= 60 and long.endswith("…") and long.startswith("efficientnet_b3.ra2_in1k vs convnext_tiny")
+
+
+def test_the_parent_goes_where_mlflow_s_environment_says_unless_experiment_is_given(
+        tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = mlflow.MlflowClient()
+    with runs.parent_run("", "a vs b"):
+        pass
+    assert only_run("ablab").info.run_name == "a vs b"  # nothing given: ablab
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ  # mlflow.set_experiment exports it; we do not leave it set
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "by-name")
+    with runs.parent_run("", "a vs b"):
+        pass
+    assert only_run("by-name").info.status == "FINISHED"
+    with runs.parent_run("given", "a vs b"):
+        pass
+    assert only_run("given").info.status == "FINISHED"  # experiment= wins
+
+    by_id = client.create_experiment("by-id")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", by_id)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    with runs.parent_run("", "a vs b"):
+        pass
+    assert only_run("by-id").info.status == "FINISHED" and os.environ["MLFLOW_EXPERIMENT_ID"] == by_id
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "987654")
+    with pytest.raises(ValueError, match=r"^experiment id 987654 \(MLFLOW_EXPERIMENT_ID\)"), \
+            runs.parent_run("", "a vs b"):
+        pass
 
 
 def test_children_of_maps_arm_indices_of_one_parent(tracking: str) -> None:

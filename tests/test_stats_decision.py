@@ -105,7 +105,13 @@ def test_rule_verdict_table() -> None:
     assert rv("non_inferiority", -0.004, 0.01, 0.005) == "b_non_inferior"
     assert rv("non_inferiority", -0.005, 0.01, 0.005) == "non_inferiority_not_shown"  # the boundary is no claim
     assert rv("equivalence", -0.004, 0.004, 0.005) == "equivalent"
-    assert rv("equivalence", -0.004, 0.005, 0.005) == "equivalence_not_shown"
+    assert rv("equivalence", -0.004, 0.005, 0.005) == "equivalence_not_shown"  # both boundaries are no claim
+    assert rv("equivalence", -0.005, 0.004, 0.005) == "equivalence_not_shown"
+    assert rv("non_inferiority", -0.001, 0.01) == "non_inferiority_not_shown"  # the default margin is 0
+    assert rv("non_inferiority", 0.0, 0.01) == "non_inferiority_not_shown" and rv("superiority", 0.0, 0.01) == (
+        "no_significant_difference")  # an interval touching 0 shows nothing
+    with pytest.raises(ValueError, match=r"^rule must be one of 'superiority'; got 'bayes'$"):
+        rv("bayes", 0.01, 0.02)  # "bayes" reads a posterior, not an interval
 
 
 @pytest.mark.parametrize(("rule", "m", "expected"), [("superiority", 1, 0.95), ("superiority", 3, 1 - 0.05 / 3),
@@ -113,6 +119,21 @@ def test_rule_verdict_table() -> None:
                                                      ("bayes", 1, 0.9)])  # fmt: skip
 def test_interval_confidence(rule: str, m: int, expected: float) -> None:
     assert stats.interval_confidence(rule, 0.05, m) == pytest.approx(expected)
+    assert stats.interval_confidence(rule, 0.1) == (0.9 if rule == "superiority" else 0.8)  # one comparison
+
+
+def test_decision_results_are_small_frozen_records_with_documented_defaults() -> None:
+    assert tuple(stats.VERDICTS) == stats.DECISION_RULES == ("superiority", "non_inferiority", "equivalence", "bayes")
+    assert stats.VERDICTS["superiority"] == ("b_better", "a_better", "no_significant_difference", "inconclusive")
+    assert stats.VERDICTS["non_inferiority"] == ("b_non_inferior", "non_inferiority_not_shown")
+    assert stats.VERDICTS["equivalence"] == ("equivalent", "equivalence_not_shown")
+    assert stats.VERDICTS["bayes"] == ("b_better", "a_better", "equivalent", "undecided")
+    bare = stats.DecisionResult("b_better", "superiority", 0.0, 0.05, 0.01, 0.005, 0.02, 0.95, 0.01, 100)
+    assert (bare.metric, bare.method, bare.comparisons, bare.n_groups, bare.design_effect, bare.probabilities) == (
+        "accuracy", "tango", 1, None, None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bare.verdict = "a_better"  # type: ignore[misc]
+    assert not hasattr(bare, "__dict__")  # slots
 
 
 # --------------------------------------------------------------------------- margins: evidence before a claim
@@ -240,10 +261,13 @@ def test_verdict_codes_are_the_documented_ones() -> None:
     ("kwargs", "match"),
     [
         ({"rule": "better"}, "rule must be one of 'superiority', 'non_inferiority', 'equivalence', 'bayes'; got 'b"),
-        ({"rule": "non_inferiority", "margin": -0.01}, r"margin must lie in \[0, 1\).*got -0.01"),
-        ({"rule": "equivalence", "margin": 0.0}, r"margin must lie in \(0, 1\).*got 0.0"),
-        ({"rule": "superiority", "margin": 0.01}, "margin must be 0 for rule='superiority'"),
-        ({"rule": "bayes", "margin": 1.0}, r"margin must lie in \[0, 1\) for rule='bayes'"),
+        ({"rule": "non_inferiority", "margin": -0.01}, r"^margin must lie in \[0, 1\).*got -0.01$"),
+        ({"rule": "equivalence", "margin": 0.0}, r"^margin must lie in \(0, 1\).*got 0.0$"),
+        ({"rule": "superiority", "margin": 0.01}, r"^margin must be 0 for rule='superiority' \(use "
+                                                  r"'non_inferiority'\); got 0.01$"),
+        ({"rule": "bayes", "margin": 1.0}, r"^margin must lie in \[0, 1\) for rule='bayes'; got 1.0$"),
+        ({"rule": "equivalence", "margin": 1.0}, r"^margin must lie in \(0, 1\) for rule='equivalence'; got 1.0$"),
+        ({"rule": "non_inferiority", "margin": 1.0}, r"^margin must lie in \[0, 1\) for rule='non_inferiority'"),
         ({"alpha": 0.5}, "alpha must lie strictly between 0 and 0.5; got 0.5"),
         ({"alpha": 0.0}, "alpha must lie strictly between 0 and 0.5; got 0.0"),
         ({"method": "fisher"}, "method must be one of 'exact', 'midp'"),

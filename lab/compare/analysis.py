@@ -25,8 +25,11 @@ TELEMETRY_KEYS = tuple(
     """.split()
 )
 CALIBRATION_KEYS = ("mean_confidence", "accuracy", "count", "bin_lower", "bin_upper")
-def _decide_pair(cfg: Config, data: Aligned, i: int, j: int, comparisons: int, pvalue: float | None):
-    metric = getattr(cfg, "metric", "accuracy")
+
+
+def _decide_pair(cfg: Config, data: Aligned, i: int, j: int, comparisons: int,
+                 pvalue: float | None) -> stats.DecisionResult:
+    metric = cfg.metric
     common = {"rule": cfg.rule, "margin": cfg.margin, "alpha": cfg.alpha, "groups": data.groups,
               "comparisons": comparisons, "n_resamples": cfg.n_resamples, "seed": cfg.seed}
     if metric == "accuracy":
@@ -47,8 +50,8 @@ def family_pvalues(cfg: Config, data: Aligned, family: list[tuple[int, int]]) ->
     return np.asarray(raw), stats.adjust_pvalues(raw, "holm")
 
 
-def decide_family(cfg: Config, data: Aligned) -> tuple[dict[tuple[int, int], Any], dict[tuple[int, int], float]]:
-    """Every decision of the run, simultaneous over its family: (decisions, Holm p-values) by pair (i, j).
+def decide_family(cfg: Config, data: Aligned) -> dict[tuple[int, int], stats.DecisionResult]:
+    """Every decision of the run, simultaneous over its family, by pair (i, j) of arm indices.
 
     Superiority and "bayes" decide every pair (the overall verdict names a best arm); the margin rules decide
     each arm against the baseline. With m decisions each interval is read at a Bonferroni level (alpha / m);
@@ -58,10 +61,9 @@ def decide_family(cfg: Config, data: Aligned) -> tuple[dict[tuple[int, int], Any
     every = cfg.rule in ("superiority", "bayes")
     family = list(itertools.combinations(range(k), 2)) if every else [(0, j) for j in range(1, k)]
     holm: dict[tuple[int, int], float] = {}
-    if cfg.rule == "superiority" and getattr(cfg, "metric", "accuracy") == "accuracy":
+    if cfg.rule == "superiority" and cfg.metric == "accuracy":
         holm = dict(zip(family, family_pvalues(cfg, data, family)[1].tolist(), strict=True))
-    decisions = {pair: _decide_pair(cfg, data, *pair, len(family), holm.get(pair)) for pair in family}
-    return decisions, holm
+    return {pair: _decide_pair(cfg, data, *pair, len(family), holm.get(pair)) for pair in family}
 
 
 def analyse(
@@ -76,7 +78,7 @@ def analyse(
     n, k = data.correct.shape
     names = [a.name for a in arms]
     class_names = class_names or tuple(str(c) for c in range(data.num_classes))
-    decisions, _ = decide_family(cfg, data)
+    decisions = decide_family(cfg, data)
     arm_rows = [arm_summary(arm, data, j, cfg.alpha) for j, arm in enumerate(arms)]
     pairs = [pair_summary(cfg, data, (names[0], names[j]), j, decisions[0, j], class_names) for j in range(1, k)]
     summary: dict[str, Any] = {
@@ -88,7 +90,7 @@ def analyse(
         "rule": cfg.rule,
         "margin": cfg.margin,
         "alpha": cfg.alpha,
-        "metric": getattr(cfg, "metric", "accuracy"),
+        "metric": cfg.metric,
         "mcnemar_method": cfg.mcnemar_method,
         "n_resamples": cfg.n_resamples,
         "comparisons": decisions[0, 1].comparisons,
@@ -110,7 +112,7 @@ def analyse(
 
 
 def _group_source(cfg: Config) -> str:
-    return f"csv:{cfg.groups}" if getattr(cfg, "groups", "") else getattr(cfg, "group_by", "none")
+    return f"csv:{cfg.groups}" if cfg.groups else cfg.group_by
 
 
 def metric_values(labels: np.ndarray, pred: np.ndarray, top5: np.ndarray | None, num_classes: int) -> dict:
@@ -161,6 +163,8 @@ def arm_summary(arm: Arm, data: Aligned, j: int, alpha: float) -> dict[str, Any]
         "precision": arm.tags.get("ab.precision", ""),
         "batch_size": arm.tags.get("ab.batch_size_final", ""),
         "reused_from": arm.extra.get("reused_from"),
+        "seed": arm.tags.get("ab.seed", ""),  # the arm's own seed (seed_b for B): an A/A test's noise floor
+        "pickle_loaded": arm.tags.get("ab.pickle_loaded") == "true",
         "telemetry": {key: arm.metrics[key] for key in TELEMETRY_KEYS if key in arm.metrics},
         "latencies_ms": (
             arm.batches.loc[~arm.batches["warmup"], "latency_ms"].tolist() if arm.batches is not None else []

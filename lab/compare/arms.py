@@ -91,7 +91,8 @@ def fetch_arms(client, run_ids: list[str], names: list[str] | None = None) -> li
                 pass
         name = names[i] if names else tags.get("ab.arm", run_id[:8])
         arms.append(
-            Arm(name, run_id, tags.get("ab.model", ""), dict(tags), dict(run.data.metrics), predictions, batches)
+            Arm(name, run_id, tags.get("ab.model", ""), dict(tags), dict(run.data.metrics), predictions, batches,
+                {"params": dict(run.data.params)})  # the guard names a differing test-set setting
         )
     return arms
 
@@ -197,7 +198,7 @@ def top5_hits(frame: pd.DataFrame, num_classes: int) -> np.ndarray | None:
 
 
 def _group_array(cfg: Config, ids: np.ndarray, groups: Mapping[int, Any] | None) -> np.ndarray | None:
-    if getattr(cfg, "group_by", "none") == "none" and not getattr(cfg, "groups", ""):
+    if cfg.group_by == "none" and not cfg.groups:
         return None
     if groups is None:
         raise ComparisonError("the config asks for groups (group_by/groups) but none were given for the test set; "
@@ -218,7 +219,7 @@ def aligned(cfg: Config, arms: list[Arm], groups: Mapping[int, Any] | None = Non
     preds = np.stack([a.predictions["pred"].to_numpy().astype(np.int64) for a in arms], axis=1)
     hits = [top5_hits(a.predictions, num_classes) for a in arms]
     top5 = None if any(h is None for h in hits) else np.stack(hits, axis=1)
-    if getattr(cfg, "metric", "accuracy") == "top5_accuracy" and top5 is None:
+    if cfg.metric == "top5_accuracy" and top5 is None:
         lacking = next(a for a, h in zip(arms, hits, strict=True) if h is None)
         raise ComparisonError(f"metric=top5_accuracy needs prob_<k> or top1..5_class columns; run "
                               f"{lacking.run_id[:8]} (arm {lacking.name}) has neither")

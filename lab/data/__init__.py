@@ -21,6 +21,7 @@ from lab.data.datasets import (
     register_dataset,
     resolve_dataset,
 )
+from lab.data.keys import library_versions, train_fingerprint, training_tags
 from lab.data.module import ABDataModule, Preprocess, SplitDataset
 from lab.data.samples import test_groups, test_images
 
@@ -35,9 +36,12 @@ __all__ = [
     "SplitDataset",
     "clear_cache",
     "fingerprint",
+    "library_versions",
     "list_datasets",
     "register_dataset",
     "resolve_dataset",
     "test_groups",
     "test_images",
+    "train_fingerprint",
+    "training_tags",
 ]

@@ -17,12 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from lab.config import Config
+from lab.data.imagefolder import DECODABLE, DataError, content_digest, scan_folder
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be loaded; the message names the dataset and the fix."""
+IMAGE_SUFFIXES = DECODABLE  # what torchvision decodes here (lab/data/imagefolder.py); .bmp/.tif are refused by name
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,7 @@ class DatasetInfo:
     train: Split
     test: Split
     fingerprint: str
+    skipped: tuple[str, ...] = ()  # undecodable files left out with skip_bad_images=true (relative paths)
 
     @property
     def num_classes(self) -> int:
@@ -135,30 +133,32 @@ register_dataset("cifar10")(_torchvision_cifar("CIFAR10"))
 register_dataset("cifar100")(_torchvision_cifar("CIFAR100"))
 
 
-def _files_under(folder: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
-    classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir()))
-    items = [
-        (str(p), i)
-        for i, c in enumerate(classes)
-        for p in sorted((folder / c).rglob("*"))
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    return classes, items
+_SKIPPED: dict[str, tuple[str, ...]] = {}  # imagefolder root -> files its last scan left out (skip_bad_images)
+
+
+def _files_under(folder: Path, cfg: Config, root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    scan = scan_folder(folder, cfg.skip_bad_images, Path(cfg.data_dir).expanduser())
+    prefix = folder.relative_to(root)
+    _SKIPPED[str(root)] = (*_SKIPPED.get(str(root), ()), *(str(prefix / s) for s in scan.skipped))
+    return scan.classes, list(scan.items)
 
 
 def _imagefolder(cfg: Config, arg: str) -> tuple[tuple[str, ...], Split, Split]:
     """`imagefolder:<path>`: <path>/<class>/*.jpg, or <path>/train|test/<class>/... with an official split."""
     root = Path(arg).expanduser()
+    _SKIPPED.pop(str(root), None)
+    if not arg.strip():
+        raise DataError("data: imagefolder: needs a path (data=imagefolder:<path to images>)")
     if not root.is_dir():
         raise DataError(f"imagefolder: no such directory {str(root)!r}; pass data=imagefolder:<path to images>")
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if test_dir is not None and (root / "train").is_dir():
-        classes, test_items = _files_under(test_dir)
-        train_classes, train_items = _files_under(root / "train")
+        classes, test_items = _files_under(test_dir, cfg, root)
+        train_classes, train_items = _files_under(root / "train", cfg, root)
         if train_classes != classes:
             raise DataError(f"imagefolder: class folders differ between {root / 'train'} and {test_dir}")
     else:
-        classes, items = _files_under(root)
+        classes, items = _files_under(root, cfg, root)
         train_ids, test_ids = _seeded_split(len(items), cfg) if items else (np.array([]), np.array([]))
         train_items, test_items = [items[i] for i in train_ids], [items[i] for i in test_ids]
     if len(classes) < 2 or not test_items:
@@ -174,8 +174,10 @@ def _imagefolder(cfg: Config, arg: str) -> tuple[tuple[str, ...], Split, Split]:
     return classes, split(train_items), split(test_items)
 
 
-def fingerprint(split: Split, class_names: tuple[str, ...], root: str | None = None) -> str:
-    """sha256 of the ordered test ids and labels, the class names and the raw data (arrays or file sizes)."""
+def fingerprint(split: Split, class_names: tuple[str, ...], root: str | None = None,
+                skipped: tuple[str, ...] = ()) -> str:
+    """sha256 of the ordered ids and labels, the class names and the raw data (arrays, or the files' contents),
+    and the files an image folder left out (skip_bad_images)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(split.sample_ids, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
@@ -184,7 +186,9 @@ def fingerprint(split: Split, class_names: tuple[str, ...], root: str | None = N
         h.update(np.ascontiguousarray(split.images).tobytes())
     for path in split.paths or ():
         rel = str(Path(path).relative_to(root)) if root else path
-        h.update(f"{rel}\0{Path(path).stat().st_size}\n".encode())
+        h.update(f"{rel}\0{content_digest(path)}\n".encode())
+    if skipped:
+        h.update(json.dumps(["skipped", *skipped]).encode())
     return "sha256:" + h.hexdigest()[:32]
 
 
@@ -206,6 +210,7 @@ def resolve_dataset(cfg: Config) -> DatasetInfo:
         cfg.fake_samples,
         cfg.fake_classes,
         cfg.image_size if cfg.data == "fake" else 0,
+        cfg.skip_bad_images,
     )
     if key in _CACHE:
         return _CACHE[key]
@@ -220,8 +225,8 @@ def resolve_dataset(cfg: Config) -> DatasetInfo:
         raise DataError(f"unknown dataset {cfg.data!r}; {hint}")
     classes, train, test = loader(cfg, arg)
     root = str(Path(arg).expanduser()) if name == "imagefolder" else None
-    info = DatasetInfo(
-        name=cfg.data, class_names=classes, train=train, test=test, fingerprint=fingerprint(test, classes, root)
-    )
+    skipped = _SKIPPED.get(root, ()) if root else ()
+    info = DatasetInfo(name=cfg.data, class_names=classes, train=train, test=test,
+                       fingerprint=fingerprint(test, classes, root, skipped), skipped=skipped)
     _CACHE[key] = info
     return info

@@ -77,9 +77,11 @@ class SplitDataset(Dataset):
 class ABDataModule(L.LightningDataModule):
     """One seeded data module for every arm: same test samples in the same order, same training order."""
 
-    def __init__(self, cfg: Config, preprocess: Preprocess):
+    def __init__(self, cfg: Config, preprocess: Preprocess, train_seed: int | None = None):
         super().__init__()
         self.cfg, self.preprocess = cfg, preprocess
+        # Training order and augmentation: `seed` for every arm, unless an arm has its own (seed_b, an A/A test)
+        self.train_seed = cfg.seed if train_seed is None else train_seed
         self.info: DatasetInfo | None = None
 
     def prepare_data(self) -> None:
@@ -102,12 +104,12 @@ class ABDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.info is not None
         # Called again every epoch (Trainer(reload_dataloaders_every_n_epochs=1)): order and augmentation
-        # depend only on (seed, epoch), identical for every arm.
+        # depend only on (seed, epoch), identical for every arm of one seed.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         dataset = SplitDataset(
-            self.info.train, self.preprocess.transform(True, self.cfg.augment), seed=self.cfg.seed, epoch=epoch
+            self.info.train, self.preprocess.transform(True, self.cfg.augment), seed=self.train_seed, epoch=epoch
         )
-        return self._loader(dataset, shuffle=True, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        return self._loader(dataset, shuffle=True, generator=torch.Generator().manual_seed(self.train_seed + epoch))
 
     def test_dataloader(self) -> DataLoader:
         assert self.info is not None

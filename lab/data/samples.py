@@ -64,7 +64,7 @@ def test_groups(cfg: Config) -> dict[int, str] | None:
     `group_by=subfolder` reads an image folder's <class>/<group>/ level; `groups=<csv>` maps files or sample ids
     to groups. The comparison then resamples whole groups (lab.stats.clustered).
     """
-    group_by, source = getattr(cfg, "group_by", "none"), getattr(cfg, "groups", "")
+    group_by, source = cfg.group_by, cfg.groups
     if group_by == "none" and not source:
         return None
     info = resolve_dataset(cfg)

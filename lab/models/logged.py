@@ -137,10 +137,16 @@ def mlflow_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel:
     flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}) if mlmodel.is_file() else {}
     if "pytorch" not in flavor:
         raise ModelError(f"{spec} is not an MLflow PyTorch model (flavors: {', '.join(flavor) or 'none'})")
-    if not (local / PT2_FILE).is_file():
-        raise ModelError(f"{spec} was logged with pickle serialization, which runs arbitrary code on load; "
-                         "re-log it with mlflow.pytorch.log_model(..., serialization_format='pt2')")
     from mlflow.pytorch import load_model  # only for MLflow model specs: a second of import for every other arm
+
+    if not (local / PT2_FILE).is_file():
+        if not cfg.allow_pickle_models:
+            raise ModelError(f"{spec} was logged with pickle serialization, which runs arbitrary code on load; "
+                             "re-log it with mlflow.pytorch.log_model(..., serialization_format='pt2'), or set "
+                             "allow_pickle_models=true if you trust whoever logged it")
+        pickled = next((p for p in sorted((local / "data").glob("*.pth"))), local / "MLmodel")
+        return ResolvedModel(load_model(str(local)), arch, "mlflow", registry_identity(spec) or file_identity(pickled),
+                             False, native, pickled=True)
 
     module = ExportedClassifier(load_model(str(local)))
     identity = registry_identity(spec) or file_identity(local / PT2_FILE)
@@ -150,7 +156,8 @@ def mlflow_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel:
 def _fallback_module(spec: str, weights: Path, saved: dict[str, Any]) -> nn.Module:
     from safetensors.torch import load_file
 
-    module = create_timm(saved["arch"], int(saved["num_classes"]), pretrained=False)
+    size = int(saved.get("preprocess", {}).get("input_size", 0)) or None  # a ViT tuned at 32 px: rebuilt for 32
+    module = create_timm(saved["arch"], int(saved["num_classes"]), pretrained=False, img_size=size)
     try:
         module.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as err:
@@ -161,8 +168,10 @@ def _fallback_module(spec: str, weights: Path, saved: dict[str, Any]) -> nn.Modu
 
 def expected_native(spec: str) -> Preprocess | None:
     """The input pipeline stored with an MLflow model (its spec file alone is fetched), or None."""
-    try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{spec.rstrip('/')}/{SPEC_DIR}/{SPEC_FILE}")
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:  # the model's own repository: `models:/m-<id>/<path>` is not a URI download_artifacts reads
+        path = get_artifact_repository(spec.rstrip("/")).download_artifacts(f"{SPEC_DIR}/{SPEC_FILE}")
     except Exception:  # no spec (not logged by ablab), or not reachable: the arm will say what is wrong
         return None
     return spec_preprocess(json.loads(Path(path).read_text()))

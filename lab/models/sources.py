@@ -7,7 +7,11 @@ Also what every source shares: `ModelError`, `ResolvedModel`, and the identities
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ class ResolvedModel:
     identity: str  # what makes two evaluations of "the same model" the same: name+flags, registry version, hash
     random_head: bool  # the classifier (or the whole net) is freshly initialised
     native: Preprocess | None  # the model's own input size/normalisation, where it has one
+    pickled: bool = False  # loaded by unpickling (allow_pickle_models=true): the child says so (ab.pickle_loaded)
 
 
 def spec_kind(spec: str) -> str:
@@ -72,9 +77,78 @@ def native_preprocess(model: nn.Module) -> Preprocess | None:
                       crop_pct=float(data_cfg.get("crop_pct", 1.0)))
 
 
-def create_timm(arch: str, num_classes: int, pretrained: bool) -> nn.Module:
+@functools.lru_cache(maxsize=64)
+def size_kwargs(arch: str, img_size: int | None) -> tuple[tuple[str, int], ...]:
+    """(("img_size", n),) for a timm architecture whose default input is not n px and whose constructor takes
+    `img_size` (ViT, Swin, ...: their position embeddings are built for it); () for any other (a CNN takes any
+    size). Decided by building the model once on the meta device: no weights, no memory, well under a second."""
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+        default = timm.get_pretrained_cfg(arch.split(".")[0]).input_size[-1]
+    except Exception:
+        default = None
+    if img_size is None or default == img_size:
+        return ()
+    try:
+        with torch.device("meta"):
+            timm.create_model(arch, pretrained=False, num_classes=2, img_size=img_size)
+    except TypeError:  # "unexpected keyword argument 'img_size'"
+        return ()
+    except Exception:
+        return ()  # cannot be built for that size: check_input_size names the size it needs
+    return (("img_size", img_size),)
+
+
+def check_input_size(arch: str, img_size: int) -> None:
+    """Build `arch` for `img_size` on the meta device and push a batch of two through it: a model that cannot
+    take that size is refused here, in a second, naming the size it needs, not after an epoch of fitting."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=2, **dict(size_kwargs(arch, img_size)))
+            model.eval()(torch.zeros(2, 3, img_size, img_size))
+    except NotImplementedError:
+        return  # an operator without a meta kernel: nothing learned, the arm's own build will tell
+    except Exception as err:
+        try:
+            needed = timm.get_pretrained_cfg(arch.split(".")[0]).input_size[-1]
+        except Exception:
+            needed = "its default"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelError(f"{arch}: cannot be built for the shared {img_size} px input ({reason}); set "
+                         f"image_size={needed} or preprocess=native") from None
+
+
+def check_pretrained(arch: str, timeout_s: float = 3.0) -> None:
+    """Pretrained weights that are neither in the Hugging Face cache nor on a hub answering within `timeout_s`
+    are one line here, not a minute of hub retries inside an arm."""
+    try:
+        hub_id = timm.get_pretrained_cfg(arch).hf_hub_id
+    except Exception:
+        return  # no pretrained config: create_timm says so
+    if not hub_id:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    if not offline:
+        if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            return  # only the proxy knows: leave it to the download
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            return
+        except OSError:
+            pass
+    why = "HF_HUB_OFFLINE is set" if offline else f"{host} cannot be reached"
+    raise ModelError(f"{arch}: pretrained weights ({hub_id}) are not in the Hugging Face cache and {why}; connect, "
+                     "pre-fill the cache (HF_HOME), or set pretrained=false with epochs>0 to train from scratch")
+
+
+def create_timm(arch: str, num_classes: int, pretrained: bool, img_size: int | None = None) -> nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes,
+                                 **dict(size_kwargs(arch, img_size)))
     except RuntimeError as err:
         if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
             check_timm_name(arch.split(".")[0])
@@ -92,11 +166,16 @@ def create_timm(arch: str, num_classes: int, pretrained: bool) -> nn.Module:
 
 def timm_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel:
     check_timm_name(spec)
-    module = create_timm(spec, num_classes, cfg.pretrained)
+    module = create_timm(spec, num_classes, cfg.pretrained, shared_size(cfg))
     source_classes = getattr(module, "pretrained_cfg", {}).get("num_classes", 0)
     random_head = not cfg.pretrained or source_classes != num_classes
     identity = timm_identity(spec, cfg.pretrained, num_classes)
     return ResolvedModel(module, spec, "timm", identity, random_head, native_preprocess(module))
+
+
+def shared_size(cfg: Config) -> int | None:
+    """The input size every arm is built for (`preprocess=shared`), or None: each model's own."""
+    return cfg.image_size if cfg.preprocess == "shared" else None
 
 
 def timm_identity(arch: str, pretrained: bool, num_classes: int) -> str:
@@ -143,7 +222,7 @@ def checkpoint_model(spec: str, cfg: Config, num_classes: int) -> ResolvedModel:
     if not arch:
         raise ModelError(f"checkpoint {str(path)!r} does not name its architecture; write it as <timm name>:{path}")
     check_timm_name(arch)
-    module = create_timm(arch, num_classes, pretrained=False)
+    module = create_timm(arch, num_classes, pretrained=False, img_size=shared_size(cfg))
     head = getattr(module, "pretrained_cfg", {}).get("classifier", "")
     head_key = f"{head}.weight" if isinstance(head, str) else ""
     if head_key in state and state[head_key].shape[0] != num_classes:

@@ -153,13 +153,14 @@ def cochran_line(summary: dict[str, Any]) -> str:
 
 
 def explained(summary: dict[str, Any]) -> list[str]:
-    """The paragraphs below the tables: power, groups, the Bayesian reading, latency."""
-    return [*power_lines(summary), *group_lines(summary), *bayes_lines(summary), *latency_lines(summary)]
+    """The paragraphs below the tables: power, groups, latency."""
+    return [*power_lines(summary), *group_lines(summary), *latency_lines(summary)]
 
 
 def markdown(summary: dict[str, Any], figure_names: list[str]) -> str:
     """report.md: the verdict, the rule, facts, notes, tables and links to the PNGs named."""
-    md = [f"# {title(summary)}", "", f"**{summary['sentence']}**", "", rule_line(summary), "", facts(summary), ""]
+    md = [f"# {title(summary)}", "", f"**{summary['sentence']}**", "", rule_line(summary), ""]
+    md += [*(f"{line}\n" for line in bayes_lines(summary)), facts(summary), ""]
     md += [f"> {n}" for n in notes(summary)]
     md += ["", "## Arms", md_table(*arm_table(summary)), "", "## Comparisons", md_table(*pair_table(summary)), ""]
     if summary.get("cochran"):
@@ -185,6 +186,7 @@ def page(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
         f"<h1>{html.escape(title(summary))}</h1>",
         f'<div class="verdict{neutral}">{html.escape(summary["sentence"])}</div>',
         f"<p>{html.escape(rule_line(summary))}</p>",
+        *(f"<p>{html.escape(line)}</p>" for line in bayes_lines(summary)),
         f"<p>{html.escape(facts(summary)).replace('`', '')}</p>",
     ]
     body += [f'<div class="note">{html.escape(n)}</div>' for n in notes(summary)]
@@ -193,8 +195,7 @@ def page(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
     if summary.get("cochran"):
         body.append(f"<p>{html.escape(cochran_line(summary))} Pairwise p-values are Holm-corrected.</p>")
         body.append(html_table(*pairwise_table(summary)))
-    body += [f"<p>{html.escape(line)}</p>" for line in [*power_lines(summary), *group_lines(summary),
-                                                        *bayes_lines(summary)]]
+    body += [f"<p>{html.escape(line)}</p>" for line in [*power_lines(summary), *group_lines(summary)]]
     body.append("<h2>Flips</h2>")
     for pair in summary["pairs"]:
         body += [

@@ -15,6 +15,7 @@ from lab.report.words import (
     format_p,
     level,
     metric_name,
+    pct,
     probability,
     pts,
 )
@@ -111,9 +112,29 @@ def bayes_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def aa_line(summary: dict[str, Any]) -> str | None:
+    """An A/A test (every arm the same model): what a clean result looks like, and the noise it measured."""
+    arms = summary["arms"]
+    if len(arms) < 2 or len({a["spec"] for a in arms}) != 1:
+        return None
+    pair, n = summary["pairs"][0], summary["n"]
+    flips = int(pair["mcnemar_b"]) + int(pair["mcnemar_c"])
+    seeds = [a.get("seed", "") for a in arms]
+    measured = f"here {flips} of {n} test images ({pct(flips / n if n else float('nan'))}) changed correctness"
+    if len(set(seeds)) > 1:
+        why = f"trained with seeds {' and '.join(seeds)}: {measured}, the seed-to-seed noise floor of this recipe"
+    else:
+        why = (f"with one seed: {measured} (with deterministic=true on one device a clean pipeline gives 0; "
+               "otherwise they are kernel nondeterminism)")
+    return (f"A/A test: every arm is {arms[0]['spec']}, {why}. A clean result is no significant difference (a false "
+            f"alarm in at most alpha = {summary['alpha']:g} of A/A tests) with an interval around 0; latency "
+            "differences between the arms are the measurement's own noise floor.")
+
+
 def notes(summary: dict[str, Any]) -> list[str]:
-    """The notes at the top of the report: preprocessing, precision, reuse, batch sizes, placement and latency."""
-    out = []
+    """The notes at the top of the report: an A/A test, preprocessing, precision, reuse, batch sizes, placement
+    and latency."""
+    out = [line] if (line := aa_line(summary)) else []
     if summary["preprocess_differs"]:
         pre = "; ".join(f"{a['name']}: {a['preprocess']}" for a in summary["arms"])
         out.append(f"The arms' preprocessing differs (each model's native pipeline): {pre}.")
@@ -124,6 +145,9 @@ def notes(summary: dict[str, Any]) -> list[str]:
     for a in summary["arms"]:
         if a.get("reused_from"):
             out.append(f"Arm {a['name']} reused the predictions of run {a['reused_from']}.")
+        if a.get("pickle_loaded"):
+            out.append(f"Arm {a['name']} was loaded from a pickled MLflow model (allow_pickle_models=true): loading "
+                       "it ran code stored with that model.")
     batch = {a["batch_size"] for a in summary["arms"]}
     if len(batch) > 1:
         out.append(

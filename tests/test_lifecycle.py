@@ -1,0 +1,140 @@
+"""Tests of lab/lifecycle.py on a SQLite store: completion after verified predictions, reuse of complete runs only,
+stale runs, arms ended by a signal, signals as Ctrl-C, and `mlflow run`'s own run on bad input.
+
+    .venv/bin/python -m pytest tests/test_lifecycle.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from history_fakes import correct_mask, log_child, predictions
+from mlflow import MlflowClient
+
+from lab import cli, history, lifecycle
+
+
+def fake_run(status: str = "RUNNING", **tags: str) -> SimpleNamespace:
+    return SimpleNamespace(info=SimpleNamespace(status=status, run_id="r1", start_time=0),
+                           data=SimpleNamespace(tags=tags))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def frame(n: int = 20):
+    labels = np.arange(n) % 3
+    return predictions(labels, correct_mask(n, 0.7), np.arange(n), num_classes=3)
+
+
+def test_owner_tags_name_this_process() -> None:
+    tags = lifecycle.owner_tags()
+    assert (tags[lifecycle.HOST_TAG], tags[lifecycle.PID_TAG]) == (socket.gethostname(), str(os.getpid()))
+    assert abs(int(tags[lifecycle.HEARTBEAT_TAG]) - time.time()) < 5
+
+
+def test_a_run_is_stale_when_its_process_is_gone_or_its_heartbeat_stopped() -> None:
+    here, now = socket.gethostname(), time.time()
+    assert lifecycle.is_stale(fake_run(**{"ab.host": here, "ab.pid": str(dead_pid())}))
+    assert not lifecycle.is_stale(fake_run(**{"ab.host": here, "ab.pid": str(os.getpid())}))
+    old, fresh = str(int(now - lifecycle.STALE_AFTER_S - 5)), str(int(now))
+    assert lifecycle.is_stale(fake_run(**{"ab.host": "elsewhere", "ab.pid": "1", "ab.heartbeat": old}))
+    assert not lifecycle.is_stale(fake_run(**{"ab.host": "elsewhere", "ab.pid": "1", "ab.heartbeat": fresh}))
+    assert not lifecycle.is_stale(fake_run("FINISHED", **{"ab.host": here, "ab.pid": str(dead_pid())}))
+    assert not lifecycle.is_stale(fake_run())  # an older ablab's run: nothing to tell by
+
+
+def test_predictions_are_verified_before_the_run_is_complete(tracking: str) -> None:
+    client = MlflowClient()
+    good = log_child(client, "0", frame(20), status="RUNNING", **{"ab.n_test": "20"})
+    lifecycle.verify_predictions(client, good)
+    lifecycle.complete(client, good)
+    run = client.get_run(good)
+    assert lifecycle.is_complete(run) and lifecycle.reusable(client, run)
+    short = log_child(client, "0", frame(20), status="RUNNING", **{"ab.n_test": "30"})
+    with pytest.raises(RuntimeError, match="20 rows of 30"):
+        lifecycle.verify_predictions(client, short)
+    columns = log_child(client, "0", frame(20).drop(columns=["confidence"]), status="RUNNING", **{"ab.n_test": "20"})
+    with pytest.raises(RuntimeError, match="confidence missing"):
+        lifecycle.verify_predictions(client, columns)
+
+
+def test_reuse_takes_only_complete_runs(tracking: str) -> None:
+    """A FINISHED child without the completion tag (an older ablab's arm killed in `test`) is never reused."""
+    client = MlflowClient()
+    tags = {"ab.dataset_fingerprint": "sha256:x", "ab.preprocess": "p", "ab.precision": "32-true"}
+    key = history.EvalKey("timm:resnet10t:pretrained=False:classes=3", "sha256:x", "p", "32-true", (("epochs", "0"),))
+    log_child(client, "0", frame(), **tags, **{"ab.complete": "false"})
+    assert history.find_reusable(client, key, ["0"]) is None
+    complete = log_child(client, "0", frame(), **tags)
+    assert history.find_reusable(client, key, ["0"]).info.run_id == complete
+
+
+def test_the_arm_logger_never_ends_the_run(tracking: str) -> None:
+    client = MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    logger = lifecycle.arm_logger(tracking, run_id)
+    logger.log_metrics({"loss": 1.0}, step=0)
+    logger.finalize("success")
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize(("code", "interrupted", "status", "error"), [
+    (-9, False, "FAILED", "arm killed by signal 9"),
+    (-15, True, "KILLED", "interrupted"),
+    (1, False, "FAILED", "arm exited with code 1 without ending its run"),
+])
+def test_an_arm_that_left_its_run_running_is_settled(tracking: str, code: int, interrupted: bool, status: str,
+                                                     error: str) -> None:
+    client = MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    lifecycle.settle_arm(client, run_id, code, interrupted)
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["ab.error"]) == (status, error)
+    finished = client.create_run("0").info.run_id
+    client.set_terminated(finished, "FINISHED")
+    lifecycle.settle_arm(client, finished, code, interrupted)
+    assert client.get_run(finished).info.status == "FINISHED"
+
+
+def test_sigterm_and_sighup_take_the_ctrl_c_path_once() -> None:
+    previous = lifecycle.raise_on_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGHUP)  # a second signal during the cleanup is ignored
+        time.sleep(0.1)
+        assert (lifecycle.received_signal(), lifecycle.interrupted_exit_code()) == (signal.SIGTERM, 143)
+    finally:
+        lifecycle.restore_signals(previous)
+
+
+def test_bad_input_under_mlflow_run_fails_its_run_with_the_line(tracking: str, monkeypatch, capsys) -> None:
+    """`mlflow run` created the run (MLFLOW_RUN_ID): bad input still prints one line, exits 2, and that run ends
+    FAILED with the line in `ab.error`."""
+    client = MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    assert cli.main(["run", "--epochs", "-1"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ablab: error: ") and "epochs" in err[0]
+    run = client.get_run(run_id)
+    assert (run.info.status, "ablab: error: " + run.data.tags["ab.error"]) == ("FAILED", err[0])
+
+
+def test_unreachable_names_connection_errors_only() -> None:
+    assert lifecycle.unreachable(ConnectionError("Max retries exceeded with url: /api (Connection refused)"))
+    assert not lifecycle.unreachable(ValueError("epochs: must be >= 0"))
+    assert lifecycle.unreachable_line(0).startswith("tracking server unreachable since ")
