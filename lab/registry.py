@@ -69,7 +69,7 @@ def register_arm(client, name: str, arm: Arm) -> tuple[str | None, str]:
     if own is not None and own[0] == name:
         return own[1], EVALUATED_AS_VERSION
     model_id, fmt = arm.tags.get("ab.logged_model"), arm.tags.get("ab.logged_model_format", "")
-    if not model_id or fmt not in ("pt2", "safetensors"):
+    if not model_id or fmt not in ("pt2", "safetensors", "mlflow"):  # "mlflow": another registry's model, as is
         return None, "no weights logged (scored as it is, or log_model=false)" if model_id else "no logged model"
     if (found := find_version(client, name, model_id)) is not None:
         return found, "registered before"

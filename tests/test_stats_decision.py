@@ -110,6 +110,12 @@ def test_rule_verdict_table() -> None:
     assert rv("non_inferiority", -0.001, 0.01) == "non_inferiority_not_shown"  # the default margin is 0
     assert rv("non_inferiority", 0.0, 0.01) == "non_inferiority_not_shown" and rv("superiority", 0.0, 0.01) == (
         "no_significant_difference")  # an interval touching 0 shows nothing
+    # At the boundaries nothing is claimed: an interval touching 0, or p exactly alpha.
+    assert rv("superiority", 0.0, 0.02, pvalue=0.01) == rv("superiority", -0.02, 0.0, pvalue=0.01) == "inconclusive"
+    assert rv("superiority", 0.0, 0.02, pvalue=0.2) == rv("superiority", -0.02, 0.0, pvalue=0.2) == (
+        "no_significant_difference")
+    assert rv("superiority", -0.02, 0.0) == "no_significant_difference"
+    assert rv("superiority", -0.01, 0.01, alpha=0.05, pvalue=0.05) == "no_significant_difference"
     with pytest.raises(ValueError, match=r"^rule must be one of 'superiority'; got 'bayes'$"):
         rv("bayes", 0.01, 0.02)  # "bayes" reads a posterior, not an interval
 
@@ -216,6 +222,68 @@ def test_groups_widen_the_interval_and_cluster_the_test() -> None:
     assert 0.7 < independent.design_effect < 1.4
 
 
+def test_bayes_with_groups_reads_the_effective_counts() -> None:
+    # Near-duplicates in groups of 5: the posterior sees n / design effect images, so it is less sure.
+    kind = np.random.default_rng(2).permutation(np.repeat([0, 1, 2], [12, 6, 182]))
+    a, b = np.repeat(kind != 0, 5), np.repeat(kind != 1, 5)
+    groups = np.repeat(np.arange(200), 5)
+    plain, grouped = stats.decide(a, b, "bayes"), stats.decide(a, b, "bayes", groups=groups)
+    deff = stats.clustered_mcnemar(a, b, groups).design_effect
+    assert 4.5 < deff < 5.5 and (grouped.n_groups, grouped.design_effect) == (200, deff)
+    effective = [round(x / deff) for x in (30, 60, 1000)]
+    post = stats.posterior_probabilities(*effective, 0.0, credibility=0.9)
+    assert grouped.probabilities == (post.prob_a_better, post.prob_rope, post.prob_b_better)
+    assert (grouped.rule, grouped.metric, grouped.method) == ("bayes", "accuracy", "bayes")
+    assert grouped.estimate == plain.estimate == pytest.approx(0.03)
+    assert plain.verdict == "b_better" and grouped.verdict == "undecided"
+    independent = stats.decide(*pairs(30, 50, 800, 120), "bayes", groups=np.arange(1000))  # design effect 1
+    assert independent.probabilities == stats.decide(*pairs(30, 50, 800, 120), "bayes").probabilities
+    assert plain.n_groups is None and plain.design_effect is None
+
+
+def grouped_kinds(kinds: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Correctness of A and B and the group of each image, from per-group image kinds (0: only B right, 1: only A
+    right, 2: both right)."""
+    kind = np.concatenate(kinds)
+    return kind != 0, kind != 1, np.repeat(np.arange(len(kinds)), [len(k) for k in kinds])
+
+
+@pytest.mark.parametrize(("kinds", "deff", "counts"), [
+    ([(0, 0)] * 10 + [(0, 2)] * 10 + [(1, 2)] * 8 + [(2, 2)] * 272, 1.52, (5, 20, 395)),  # shrunk by 1.5
+    ([(0, 1)] * 10 + [(0, 2)] * 12 + [(2, 2)] * 278, 0.36, (10, 22, 600)),  # below 1: never inflated
+    ([(1, 2, 2, 2, 2)] + [(0,) * 5] * 6 + [(2,) * 5] * 193, 4.89, (0, 6, 205)),  # one A-only image: 0.2 -> 0
+])  # fmt: skip
+def test_bayes_effective_counts(kinds: list, deff: float, counts: tuple[int, int, int]) -> None:
+    a, b, groups = grouped_kinds(kinds)
+    d = stats.decide(a, b, "bayes", groups=groups)
+    assert d.design_effect == pytest.approx(deff, abs=0.01)
+    post = stats.posterior_probabilities(*counts, 0.0, credibility=0.9)
+    assert d.probabilities == (post.prob_a_better, post.prob_rope, post.prob_b_better)
+
+
+def test_bayes_threshold_is_simultaneous_over_the_family() -> None:
+    a, b = pairs(40, 62, 800, 98)
+    single, family = stats.decide(a, b, "bayes"), stats.decide(a, b, "bayes", comparisons=6)
+    assert single.probabilities == family.probabilities and 0.95 < single.probabilities[2] < 1 - 0.05 / 6
+    assert (single.verdict, family.verdict) == ("b_better", "undecided")
+    assert family.confidence == pytest.approx(1 - 0.1 / 6)
+
+
+def test_cluster_bootstrap_defaults_are_the_documented_ones() -> None:
+    a, b = pairs(60, 100, 700, 140)
+    groups = np.arange(1000) // 4
+    assert stats.decide(a, b, groups=groups) == stats.decide(a, b, groups=groups, n_resamples=10_000, seed=0)
+    labels = np.arange(1000) % 4
+    pred_a, pred_b = np.where(a, labels, (labels + 1) % 4), np.where(b, labels, (labels + 1) % 4)
+    default = stats.decide_metric(labels, pred_a, pred_b, "macro_f1", groups=groups)
+    assert default == stats.decide_metric(labels, pred_a, pred_b, "macro_f1", groups=groups, comparisons=1,
+                                          n_resamples=10_000, seed=0)  # fmt: skip
+    assert (default.method, default.metric, default.confidence, default.n_groups) == ("cluster_bootstrap",
+                                                                                    "macro_f1", 0.95, 250)
+    with pytest.raises(ValueError, match=r"^metric must be one of 'accuracy', 'balanced_accuracy'"):
+        stats.decide_metric(labels, pred_a, pred_b, "f1")
+
+
 def test_decide_metric_follows_its_bootstrap_interval() -> None:
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, 800)
@@ -228,7 +296,7 @@ def test_decide_metric_follows_its_bootstrap_interval() -> None:
         assert (d.estimate, d.low, d.high, d.method, d.pvalue) == (ci.estimate, ci.low, ci.high, "bootstrap", None)
         assert d.verdict == stats.rule_verdict(rule, d.low, d.high, margin)
     assert stats.decide_metric(labels, pred_a, pred_b, "balanced_accuracy", n_resamples=500).verdict == "b_better"
-    with pytest.raises(ValueError, match="rule='bayes' reads the accuracy difference only"):
+    with pytest.raises(ValueError, match=r"^rule='bayes' reads the accuracy difference only; got metric='macro_f1'$"):
         stats.decide_metric(labels, pred_a, pred_b, "macro_f1", "bayes")
 
 
@@ -313,7 +381,9 @@ def test_minimum_detectable_effect_round_trip() -> None:
         (lambda: stats.mcnemar_power(100, 0.1, 0.2), r"\|effect\| must not exceed p_disc=0.1; got effect"),
         (lambda: stats.mcnemar_power(100, 0.0, 0.0), r"p_disc must lie in \(0, 1\]; got 0.0"),
         (lambda: stats.mcnemar_power(0, 0.1, 0.0), "n must be at least 1; got 0"),
-        (lambda: stats.minimum_detectable_effect(100, 0.1, power=0.04), "power must exceed alpha=0.05"),
+        (lambda: stats.minimum_detectable_effect(100, 0.1, power=0.04), "^power must exceed alpha=0.05; got 0.04$"),
+        (lambda: stats.minimum_detectable_effect(100, 0.1, power=0.05), "^power must exceed alpha=0.05; got 0.05$"),
+        (lambda: stats.minimum_detectable_effect(100, 0.1, power=1.0), "^power must lie strictly between 0 and 1"),
         (lambda: stats.minimum_detectable_effect(100, 0.1, alpha=0.5), "alpha must lie strictly between 0 a"),
     ],
 )
