@@ -42,6 +42,7 @@ def trinomial(n: int, p_b: float, p_c: float, smallest: float = 1e-12) -> tuple[
 def test_superiority_verdicts_with_the_interval_and_test_behind_them() -> None:
     better = stats.decide(*pairs(100, 190, 7500, 2210))
     assert better.verdict == "b_better" and better.method == "tango" and better.low > 0
+    assert (better.metric, better.rule, better.comparisons, better.n_groups) == ("accuracy", "superiority", 1, None)
     assert better.pvalue == stats.mcnemar(*pairs(100, 190, 7500, 2210)).pvalue < 0.05
     assert better.confidence == 0.95 and better.n == 10_000 and better.estimate == pytest.approx(0.009, abs=1e-15)
     ci = stats.paired_diff_ci(100, 190, 10_000, 0.95, "tango")
