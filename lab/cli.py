@@ -36,7 +36,9 @@ HELP = {
     "data": "digits | fake | cifar10 | cifar100 | imagefolder:<path>",
     "epochs": "fine-tune epochs with one seeded recipe for every arm (0 = evaluate as is)",
     "preprocess": "shared: one input size/normalisation for all; native: each timm model's own",
-    "placement": "auto | parallel (one GPU per arm) | lockstep (take turns per batch) | sequential",
+    "placement": "auto | parallel (one GPU per arm) | lockstep (take turns per batch) | sequential | ray (arms as "
+                 "tasks on a Ray cluster)",
+    "ray_address": "placement=ray: auto ($RAY_ADDRESS or a running cluster) | ray://host:10001 | local (start one)",
     "devices": "auto | cpu | GPU indices such as 0,1",
     "rule": "superiority | non_inferiority | equivalence | bayes",
     "margin": "non-inferiority/equivalence margin (bayes: practical equivalence) as a fraction (0.005 = half a point)",

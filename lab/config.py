@@ -79,13 +79,22 @@ class Config:
 
     # Devices, placement and measurement. devices: auto, cpu, or GPU indices like 0,1.
     devices: str = "auto"
-    placement: Literal["auto", "parallel", "lockstep", "sequential"] = "auto"
+    placement: Literal["auto", "parallel", "lockstep", "sequential", "ray"] = "auto"
+    # placement=ray: the cluster (auto = $RAY_ADDRESS or a running local cluster, ray://host:10001, or local to
+    # start one here) and what each arm asks of it (GPUs = devices_per_arm on GPU clusters, else CPUs).
+    ray_address: str = "auto"
+    ray_cpus_per_arm: int = field(default=1, metadata=_range(1, 1024))
+    # One arm data-parallel over N devices (Lightning DDP); predictions gathered exactly by sample_id.
+    devices_per_arm: int = field(default=1, metadata=_range(1, 64))
     precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
     channels_last: bool = False
     compile: bool = False
     warmup_batches: int = field(default=5, metadata=_range(0))
     telemetry_sync: bool = False
     lockstep_timeout_s: float = field(default=900.0, metadata=_range(1.0))
+    # A tracking server that goes away: predictions and telemetry are spooled locally and uploaded if it is back
+    # within this many seconds; after that the job stops and `python -m lab resume <spool dir>` finishes it.
+    outage_window_s: float = field(default=600.0, metadata=_range(0.0))
 
     # Statistics.
     alpha: float = field(default=0.05, metadata=_range(0.0, 0.5, lo_open=True, hi_open=True))
