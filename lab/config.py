@@ -25,6 +25,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id, as `compare` takes for an arm
+SEED_SUFFIX = re.compile(r"@seed=(\d+)$")  # `resnet18@seed=1`: that arm's own seed (an A/A test's noise floor)
 
 
 class ConfigError(ValueError):
@@ -114,9 +115,14 @@ class Config:
     register: str = ""  # registered model name for every arm's logged model (and the promotion gate's B)
 
     @property
-    def arm_specs(self) -> tuple[str, ...]:
-        """The model spec of every arm, baseline first."""
+    def arm_inputs(self) -> tuple[str, ...]:
+        """Every arm as given, baseline first: a model spec, optionally with an `@seed=N` suffix."""
         return self.arms if self.arms else (self.a, self.b)
+
+    @property
+    def arm_specs(self) -> tuple[str, ...]:
+        """The model spec of every arm, baseline first (without any `@seed=N` suffix)."""
+        return tuple(split_seed(spec)[0] for spec in self.arm_inputs)
 
     @property
     def aa_test(self) -> bool:
@@ -124,7 +130,11 @@ class Config:
         return len(set(self.arm_specs)) == 1
 
     def arm_seed(self, index: int) -> int:
-        """The seed of an arm's initial weights and training order: `seed_b` for B where given, else `seed`."""
+        """The seed of an arm's initial weights and training order: its `@seed=N` suffix, else `seed_b` for B where
+        given, else `seed`."""
+        own = split_seed(self.arm_inputs[index])[1]
+        if own is not None:
+            return own
         return self.seed_b if index == 1 and self.seed_b >= 0 else self.seed
 
     @property
@@ -133,7 +143,7 @@ class Config:
         if not self.arms:
             return ("a", "b")
         # Same model twice (e.g. two checkpoints of one architecture): keep names unique.
-        return tuple(unique_names([arm_name(spec) for spec in self.arms]))
+        return tuple(unique_names([arm_name(spec) for spec in self.arm_inputs]))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in FIELDS}
@@ -145,6 +155,12 @@ class Config:
 FIELDS = dataclasses.fields(Config)
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 _HINTS = typing.get_type_hints(Config)
+
+
+def split_seed(spec: str) -> tuple[str, int | None]:
+    """`resnet18@seed=1` -> ("resnet18", 1); a spec without the suffix -> (spec, None)."""
+    found = SEED_SUFFIX.search(spec)
+    return (spec[: found.start()], int(found.group(1))) if found else (spec, None)
 
 
 def arm_name(spec: str) -> str:
@@ -233,6 +249,15 @@ def _check_whole(cfg: Config) -> None:
     """Rules that involve more than one key."""
     if len(cfg.arm_specs) < 2:
         raise ConfigError(f"arms: need at least two models to compare, got {list(cfg.arm_specs)}")
+    for spec in cfg.arm_inputs:
+        base, own = split_seed(spec)
+        if "@seed=" in spec and (own is None or not base):
+            raise ConfigError(f"arms: {spec!r}: the seed suffix is <model>@seed=<integer>, e.g. resnet18@seed=1")
+        if own is not None and own > 2**32 - 1:
+            raise ConfigError(f"arms: {spec!r}: the seed is out of range; allowed [0, {2**32 - 1}]")
+    if cfg.seed_b >= 0 and split_seed(cfg.arm_inputs[1])[1] is not None:
+        raise ConfigError(f"seed_b: B already has its own seed ({cfg.arm_inputs[1]!r}); give seed_b or the @seed= "
+                          "suffix, not both")
     if len(set(cfg.arm_specs)) != len(cfg.arm_specs) and not cfg.allow_random_head and not cfg.aa_test:
         raise ConfigError(f"arms: the same model appears twice in {list(cfg.arm_specs)}; give distinct specs, or the "
                           "same spec for every arm (an A/A test)")

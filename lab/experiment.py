@@ -80,8 +80,8 @@ def run(cfg: Config) -> Outcome:
             **({"ab.aa_test": "true"} if cfg.aa_test else {}),  # every arm the same model: an A/A test
             **({"ab.allow_pickle_models": "true"} if cfg.allow_pickle_models else {}),
             "ab.arms": ",".join(cfg.arm_names)}
-    announce = f"ablab: {n} arms ({', '.join(cfg.arm_specs)}) on {p.device}, placement={p.placement}"
-    outcome = conduct(Job(cfg, list(cfg.arm_names), runs.run_name(cfg.arm_specs), tags, p, reused, announce=announce))
+    announce = f"ablab: {n} arms ({', '.join(cfg.arm_inputs)}) on {p.device}, placement={p.placement}"
+    outcome = conduct(Job(cfg, list(cfg.arm_names), runs.run_name(cfg.arm_inputs), tags, p, reused, announce=announce))
     print(outcome.summary["sentence"])
     print(f"ablab: verdict {outcome.summary['verdict']}; report: comparison/report.html in run {outcome.run_id} "
           f"(mlflow ui --backend-store-uri {runs.tracking_uri()}, then "

@@ -127,3 +127,27 @@ def test_config_path_finds_the_shipped_configs_from_anywhere(tmp_path: Path, mon
     (tmp_path / "configs/default.yaml").write_text("epochs: 1\n")
     assert config_path("configs/default.yaml") == Path("configs/default.yaml")  # a file here wins
     assert config_path("/no/such.yaml") == Path("/no/such.yaml")  # and the error names the path as given
+
+
+def test_a_per_arm_seed_suffix_gives_that_arm_its_own_seed() -> None:
+    cfg = build_config({"arms": "resnet18,resnet18@seed=1,resnet18@seed=7", "seed": 3})
+    assert cfg.arm_specs == ("resnet18",) * 3  # the model is the same: an A/A test of seeds
+    assert cfg.aa_test
+    assert [cfg.arm_seed(i) for i in range(3)] == [3, 1, 7]
+    assert cfg.arm_names == ("resnet18", "resnet18@seed_1", "resnet18@seed_7")
+    two = build_config({"a": "resnet18", "b": "resnet18@seed=5"})
+    assert (two.arm_specs, two.arm_seed(0), two.arm_seed(1)) == (("resnet18", "resnet18"), 0, 5)
+    # A registry alias keeps its own `@`: only a trailing `@seed=<int>` is a seed.
+    reg = build_config({"a": "models:/clf@champion", "b": "models:/clf@champion@seed=2"})
+    assert reg.arm_specs == ("models:/clf@champion",) * 2 and reg.arm_seed(1) == 2
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"a": "resnet18", "b": "resnet18@seed=x"}, "<model>@seed=<integer>"),
+    ({"a": "resnet18", "b": "@seed=1"}, "<model>@seed=<integer>"),
+    ({"a": "resnet18", "b": "resnet18@seed=1", "seed_b": 2}, "not both"),
+    ({"a": "resnet18", "b": "resnet18@seed=99999999999"}, "out of range"),
+])
+def test_bad_seed_suffixes_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(values)
