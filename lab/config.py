@@ -25,6 +25,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id, as `compare` takes for an arm
+RAY_ADDRESS = re.compile(r"(ray://)?[\w.\-]+:\d{1,5}")  # placement=ray: a Ray client or GCS address
 SEED_SUFFIX = re.compile(r"@seed=(\d+)$")  # `resnet18@seed=1`: that arm's own seed (an A/A test's noise floor)
 
 
@@ -164,10 +165,11 @@ def split_seed(spec: str) -> tuple[str, int | None]:
 
 
 def arm_name(spec: str) -> str:
-    """A readable, MLflow-metric-safe name for a model spec (`models:/clf@champion` -> `clf@champion`)."""
+    """A readable name for a model spec that is safe in MLflow metric keys (`acc.<name>`), which refuse `@`:
+    `models:/clf@champion` -> `clf-champion`, `resnet18@seed=1` -> `resnet18-seed_1`."""
     tail = spec.rstrip("/").split("/")[-1].split(":")[-1]
     tail = tail.rsplit(".", 1)[0] if tail.endswith((".ckpt", ".pt", ".pth", ".safetensors")) else tail
-    return "".join(ch if ch.isalnum() or ch in "_-.@" else "_" for ch in tail) or "arm"
+    return "".join(ch if ch.isalnum() or ch in "_-." else "-" if ch == "@" else "_" for ch in tail) or "arm"
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -281,6 +283,15 @@ def _check_whole(cfg: Config) -> None:
                           f"{cfg.groups!r})")
     if cfg.devices not in ("auto", "cpu") and not all(p.strip().isdigit() for p in cfg.devices.split(",")):
         raise ConfigError(f"devices: {cfg.devices!r} is not allowed; use auto, cpu or GPU indices like 0,1")
+    if cfg.placement == "ray" and cfg.devices not in ("auto", "cpu"):  # Ray hands each arm task its own GPUs
+        raise ConfigError(f"devices: {cfg.devices!r} names GPUs, but under placement=ray the cluster picks each arm's "
+                          "GPUs; use devices=auto (or cpu)")
+    if cfg.ray_address not in ("auto", "local") and not RAY_ADDRESS.fullmatch(cfg.ray_address):
+        raise ConfigError(f"ray_address: {cfg.ray_address!r} is not allowed; use auto, local, ray://<host>:10001 or "
+                          "<host>:6379")
+    if cfg.devices_per_arm > 1 and cfg.placement == "lockstep":  # lockstep turns are taken per process
+        raise ConfigError(f"devices_per_arm: {cfg.devices_per_arm} cannot take lockstep turns (one process per arm); "
+                          "use placement=parallel or sequential, or devices_per_arm=1")
     _check_promotable(cfg)
 
 

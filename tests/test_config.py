@@ -88,7 +88,7 @@ def test_types_are_coerced_from_strings() -> None:
 
 def test_arm_names_are_unique_and_readable() -> None:
     cfg = build_config({"arms": ["models:/clf@champion", "runs:/abc/model", "/ckpt/best.safetensors"]})
-    assert cfg.arm_names == ("clf@champion", "model", "best")
+    assert cfg.arm_names == ("clf-champion", "model", "best")
     assert build_config({}).arm_names == ("a", "b")
 
 
@@ -134,7 +134,7 @@ def test_a_per_arm_seed_suffix_gives_that_arm_its_own_seed() -> None:
     assert cfg.arm_specs == ("resnet18",) * 3  # the model is the same: an A/A test of seeds
     assert cfg.aa_test
     assert [cfg.arm_seed(i) for i in range(3)] == [3, 1, 7]
-    assert cfg.arm_names == ("resnet18", "resnet18@seed_1", "resnet18@seed_7")
+    assert cfg.arm_names == ("resnet18", "resnet18-seed_1", "resnet18-seed_7")
     two = build_config({"a": "resnet18", "b": "resnet18@seed=5"})
     assert (two.arm_specs, two.arm_seed(0), two.arm_seed(1)) == (("resnet18", "resnet18"), 0, 5)
     # A registry alias keeps its own `@`: only a trailing `@seed=<int>` is a seed.
@@ -151,3 +151,13 @@ def test_a_per_arm_seed_suffix_gives_that_arm_its_own_seed() -> None:
 def test_bad_seed_suffixes_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_config(values)
+
+
+@pytest.mark.parametrize("spec", ["models:/clf@champion", "resnet18@seed=1", "runs:/0123/model", "a b#c.ckpt",
+                                  "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"])
+def test_arm_names_are_valid_mlflow_metric_keys(spec: str) -> None:
+    from mlflow.utils.validation import _validate_metric_name  # MLflow's own rule for the parent's `acc.<arm>`
+
+    cfg = build_config({"arms": f"resnet10t,{spec}"})
+    for name in cfg.arm_names:
+        _validate_metric_name(f"acc.{name}")
