@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from callbacks import nvml as nv
+from callbacks import ranks
 
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
 MIB = 2**20
@@ -185,6 +186,7 @@ class GPUTelemetry(Callback):
         self.on_cuda = self.device.type == "cuda"
         self.mode = ("sync_wall" if self.sync else "cuda_events") if self.on_cuda else "cpu_monotonic"
         self.summary, self.batches, self.tags = {}, pd.DataFrame(), self._device_tags()
+        self.rank_batches: pd.DataFrame | None = None  # DDP: every rank's batches, with a `rank` column
         self._meta: list[tuple[int, int, int]] = []  # (batch_idx, dataloader_idx, batch_size)
         self._spans: list[tuple[Any, Any]] = []  # (start, end): CUDA events or perf_counter_ns
         self._t_end: list[float] = []  # time.monotonic() at each batch end (wall modes)
@@ -241,6 +243,11 @@ class GPUTelemetry(Callback):
         latencies, t_end = self._read_latencies()
         self.batches = self._batch_table(latencies, t_end, samples)
         self.summary = self._summarise(samples)
+        if trainer.world_size > 1:  # DDP: rank 0 logs the aggregate of every rank's batches (callbacks/ranks.py)
+            parts = ranks.gather((self.summary, self.batches), trainer.world_size)
+            self.summary = ranks.aggregate_summaries([part[0] for part in parts])
+            self.rank_batches = ranks.merge_batches([part[1] for part in parts])  # self.batches: rank 0's
+            self.tags.update(ranks.rank_tags(trainer.world_size))
         if trainer.is_global_zero:
             self._log(trainer)
 
@@ -362,6 +369,8 @@ class GPUTelemetry(Callback):
             logger.log_metrics(self.summary)
             if isinstance(logger, MLFlowLogger):
                 log_to_mlflow(logger.experiment, logger.run_id, self.batches, self.tags, self.log_series)
+                if self.rank_batches is not None:
+                    ranks.log_rank_batches(logger.experiment, logger.run_id, self.rank_batches, ARTIFACT_DIR)
 
 
 def log_to_mlflow(

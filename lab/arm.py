@@ -14,9 +14,9 @@ import argparse
 import copy
 import dataclasses
 import gc
+import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +31,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from callbacks.gpu_telemetry import GPUTelemetry
 from callbacks.lockstep import Lockstep
-from lab import lifecycle, lineage, runs
+from lab import correctness, ddp, lifecycle, lineage, runs, spool
 from lab.config import Config, flat_params, load_config
 from lab.data import ABDataModule, DatasetInfo, Preprocess, resolve_dataset, train_fingerprint, training_tags
 from lab.models import ArmModule, ResolvedModel, model_spec, preprocess_for, resolve_model, save_model_dir
@@ -60,10 +60,17 @@ def create_child_run(cfg: Config, ctx: ArmContext) -> str:
     return MlflowClient().create_run(ctx.experiment_id, tags=tags, run_name=f"{name}: {spec}").info.run_id
 
 
-def make_trainer(cfg: Config, ctx: ArmContext, logger, callbacks: list, max_epochs: int):
-    """The Trainer of an arm's fit and test stages (benchmarks/overhead.py times the same one)."""
+def make_trainer(cfg: Config, ctx: ArmContext, logger, callbacks: list, max_epochs: int, stage: str = "test"):
+    """The Trainer of an arm's fit and test stages (benchmarks/overhead.py times the same one).
+
+    With `devices_per_arm` > 1 it is Lightning DDP (gloo on the CPU); `batch_size` is per device, as in
+    Lightning, so a fit's effective batch is devices_per_arm times larger (tag `ab.effective_batch_size`). The
+    test keeps its own whole-batch shards (lab/ddp.py): no DistributedSampler, which pads by repeating samples.
+    """
+    ddp = cfg.devices_per_arm > 1
     return L.Trainer(
-        accelerator="gpu" if ctx.device == "cuda" else "cpu", devices=1, precision=cfg.precision,
+        accelerator="gpu" if ctx.device == "cuda" else "cpu", devices=cfg.devices_per_arm, precision=cfg.precision,
+        strategy="ddp" if ddp else "auto", use_distributed_sampler=ddp and stage == "fit",
         max_epochs=max_epochs, logger=logger,
         callbacks=[*callbacks, *lifecycle.pause_callbacks(), TQDMProgressBar(process_position=ctx.index)],
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -101,16 +108,16 @@ def fit_and_test(cfg: Config, ctx: ArmContext, module, preprocess, logger, locks
         stage = "test" if fitted else "fit"
         try:
             if not fitted:
-                make_trainer(arm_cfg, ctx, logger, gated, cfg.epochs).fit(
+                make_trainer(arm_cfg, ctx, logger, gated, cfg.epochs, "fit").fit(
                     module, ABDataModule(arm_cfg, preprocess, train_seed=cfg.arm_seed(ctx.index)))
                 fitted, stage = True, "test"
             telemetry = GPUTelemetry(warmup_batches=cfg.warmup_batches, sync=cfg.telemetry_sync)
             make_trainer(arm_cfg, ctx, logger, [*gated, telemetry], 1).test(
-                module, ABDataModule(arm_cfg, preprocess), verbose=False)
+                module, ddp.ShardedTestData(arm_cfg, preprocess), verbose=False)
             return StageResult(telemetry, batch_size)
         except Exception as err:  # only out-of-memory is retried, everything else re-raised
-            if not _is_oom(err) or batch_size <= OOM_MIN_BATCH:
-                raise
+            if not _is_oom(err) or batch_size <= OOM_MIN_BATCH or cfg.devices_per_arm > 1:
+                raise  # under DDP one rank's retry would leave the others waiting in a collective
         # Outside the except block the exception and its traceback are gone; the frames they held (activations,
         # the batch) and the failed trainer (optimizer state) become garbage once the module lets go of it.
         module.trainer = None
@@ -125,16 +132,14 @@ def fit_and_test(cfg: Config, ctx: ArmContext, module, preprocess, logger, locks
             on_retry(f"CUDA out of memory in {stage}; batch size halved to {batch_size}")
 
 
-def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
-    """Fine-tune (epochs > 0) and test one arm inside an existing child run."""
-    client = MlflowClient()
-    if ctx.threads:
-        torch.set_num_threads(ctx.threads)
-    spec = cfg.arm_specs[ctx.index]
+def run_arm(cfg: Config, ctx: ArmContext, run_id: str, box: spool.ArmSpool | None = None) -> None:
+    """Fine-tune (epochs > 0) and test one arm inside an existing child run (rank 0 of a data-parallel arm).
+    With the arm's spool `box`, its MLflow traffic rides out a lost server (lab/spool.py)."""
+    client = spool.HoldingClient(box, cfg.outage_window_s) if box is not None else MlflowClient()
+    if ctx.threads:  # the arm's share of the cores, split over its ranks
+        torch.set_num_threads(ddp.threads_per_rank(ctx.threads, cfg.devices_per_arm))
     info = resolve_dataset(cfg)
-    L.seed_everything(cfg.arm_seed(ctx.index), verbose=False)  # same initial weights for one architecture and seed
-    resolved = resolve_model(spec, cfg, info.num_classes)
-    preprocess = preprocess_for(cfg, resolved.native)
+    resolved, preprocess = _resolve(cfg, ctx, info)
     client.log_batch(run_id, params=[_param(k, v) for k, v in flat_params(cfg).items() if k not in ("a", "b")],
                      tags=[_tag(k, v) for k, v in {
                          "ab.dataset": cfg.data, "ab.dataset_fingerprint": info.fingerprint,
@@ -146,17 +151,14 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
                          "ab.seed": str(cfg.arm_seed(ctx.index)), "ab.deterministic": str(cfg.deterministic).lower(),
                          **({"ab.pickle_loaded": "true"} if resolved.pickled else {}),
                          **training_tags(cfg, ctx.index, info),  # the reuse key of a fine-tune (lab/history.py)
+                         **ddp.tags(cfg),
                      }.items()])
     if info.skipped:  # skip_bad_images=true: which files this arm never saw
         client.log_text(run_id, "\n".join(info.skipped) + "\n", "data/skipped_images.txt")
     test_set = log_splits(cfg, client, run_id, info)
-    logger = lifecycle.arm_logger(runs.tracking_uri(), run_id)  # it must not end the run after `fit`
-    module = ArmModule(resolved.module, info.num_classes, cfg.lr, cfg.weight_decay, cfg.epochs,
-                       cfg.channels_last, resolved.arch)
-    if cfg.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        module.model = torch.compile(module.model)
+    logger = lifecycle.arm_logger(runs.tracking_uri(), run_id,  # it must not end the run after `fit`
+                                  client if box is not None else None)
+    module = _module(cfg, resolved, info.num_classes)
     lockstep = _lockstep(cfg, ctx)
 
     def note_retry(message: str) -> None:
@@ -166,9 +168,35 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str) -> None:
     result = fit_and_test(cfg, ctx, module, preprocess, logger, lockstep, note_retry)
     if lockstep is not None:
         lockstep.finish()
-    log_results(client, run_id, module, result.batch_size, info.class_names)
+    log_results(client, run_id, module, result.batch_size, info.class_names, box)
     model_id = log_model(cfg, ctx, client, run_id, module, resolved, preprocess)
     link_metrics(client, run_id, model_id, test_set)
+
+
+def run_rank(cfg: Config, ctx: ArmContext) -> None:
+    """A rank > 0 of a data-parallel arm: the same model and data, its share of fit and test, no MLflow (rank 0
+    logs everything, the gathered predictions and telemetry included)."""
+    if ctx.threads:  # the arm's share of the cores, split over its ranks
+        torch.set_num_threads(ddp.threads_per_rank(ctx.threads, cfg.devices_per_arm))
+    info = resolve_dataset(cfg)
+    resolved, preprocess = _resolve(cfg, ctx, info)
+    fit_and_test(cfg, ctx, _module(cfg, resolved, info.num_classes), preprocess, logger=False)
+
+
+def _resolve(cfg: Config, ctx: ArmContext, info: DatasetInfo) -> tuple[ResolvedModel, Preprocess]:
+    L.seed_everything(cfg.arm_seed(ctx.index), verbose=False)  # same initial weights for one architecture and seed
+    resolved = resolve_model(cfg.arm_specs[ctx.index], cfg, info.num_classes)
+    return resolved, preprocess_for(cfg, resolved.native)
+
+
+def _module(cfg: Config, resolved: ResolvedModel, num_classes: int) -> ArmModule:
+    module = ArmModule(resolved.module, num_classes, cfg.lr, cfg.weight_decay, cfg.epochs, cfg.channels_last,
+                       resolved.arch)
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        module.model = torch.compile(module.model)
+    return module
 
 
 def log_splits(cfg: Config, client, run_id: str, info: DatasetInfo):
@@ -239,24 +267,37 @@ def _tag(key: str, value: str) -> RunTag:
     return RunTag(key, value)
 
 
-def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_names) -> None:
-    """predictions.parquet, per-class accuracy and confusion matrix as artifacts; one log_batch of metrics."""
+def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_names,
+                box: spool.ArmSpool | None = None) -> None:
+    """predictions.parquet, per-class accuracy and confusion matrix as artifacts, and one batch of metrics: all
+    written to the arm's spool folder first, then uploaded (waiting out a lost server, lab/spool.py)."""
+    if box is None:  # outside an arm process: a spool folder for this upload only
+        with spool.temporary(run_id) as temporary:
+            return log_results(client, run_id, module, batch_size, class_names, temporary)
     assert module.predictions is not None, "test loop produced no predictions"
     per_class = module.per_class_accuracy()
     now = int(time.time() * 1000)
-    metrics = [Metric(f"test_accuracy_class.{i}", v, now, 0) for i, v in enumerate(per_class[:200])]
-    client.log_batch(run_id, metrics=metrics,
-                     tags=[_tag("ab.batch_size_final", str(batch_size))])
-    with tempfile.TemporaryDirectory() as tmp:
-        pred_path = Path(tmp) / "predictions.parquet"
-        module.predictions.to_parquet(pred_path, index=False)
-        client.log_artifact(run_id, str(pred_path), "predictions")
-        extra = Path(tmp) / "metrics"
-        extra.mkdir()
-        (extra / "per_class_accuracy.json").write_text(runs.strict_json(dict(zip(class_names, per_class, strict=True))))
-        (extra / "confusion_matrix.json").write_text(runs.strict_json(
-            {"classes": list(class_names), "matrix": module.confusion_matrix()}))
-        client.log_artifacts(run_id, str(extra), "metrics")
+    box.add([Metric(f"test_accuracy_class.{i}", v, now, 0) for i, v in enumerate(per_class[:200])],
+            tags=[_tag("ab.batch_size_final", str(batch_size))])
+    predictions, extra = box.files / "predictions", box.files / "metrics"
+    predictions.mkdir(exist_ok=True)
+    extra.mkdir(exist_ok=True)
+    module.predictions.to_parquet(predictions / "predictions.parquet", index=False)
+    # The same correctness in ~n/8 bytes: what `leaderboard` reads over thousands of runs (lab/correctness.py).
+    correctness.write(module.predictions, predictions)
+    (extra / "per_class_accuracy.json").write_text(runs.strict_json(dict(zip(class_names, per_class, strict=True))))
+    (extra / "confusion_matrix.json").write_text(runs.strict_json(
+        {"classes": list(class_names), "matrix": module.confusion_matrix()}))
+    box.results_written()
+    box.upload(client)
+
+
+def standby() -> int:
+    """`python -m lab.arm --standby`, started by the launcher before the parent run exists (lab/launch.py,
+    `standby`): the slow imports above are done by now; wait for this arm's command line, one JSON list on stdin.
+    End of input means the job needs no arm here (bad input, a reused arm): leave without a word."""
+    line = sys.stdin.readline()
+    return main(json.loads(line)) if line.strip() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,16 +311,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--error-file", default=None)
+    parser.add_argument("--done-file", default=None, help="written once the child run is complete")
     args = parser.parse_args(argv)
     os.environ.pop("MLFLOW_RUN_ID", None)  # never resume the parent's run
     warnings.filterwarnings("ignore", module="lightning")
     cfg = load_config(args.config)
     ctx = ArmContext(args.index, args.parent_run_id, args.experiment_id, args.device, args.lockstep,
                      args.world_size, args.threads)
+    if ddp.rank() > 0:  # another rank of a data-parallel arm: rank 0 owns the run
+        return ddp.run_as_rank(lambda: run_rank(cfg, ctx))
     lifecycle.raise_on_signals()  # the launcher stops arms with SIGTERM: end the run KILLED, "interrupted"
     lifecycle.quiet_interrupts()
-    try:
-        run_id = create_child_run(cfg, ctx)
+    try:  # a lost server is waited for (outage_window_s)
+        run_id = lifecycle.patient(MlflowClient(), cfg.outage_window_s).call(create_child_run, cfg, ctx)
+    except lifecycle.ServerLost as err:  # no run: the launcher says so, once
+        return _server_lost(cfg, ctx, spool.ArmSpool.for_arm(cfg, ctx.parent_run_id, ctx.index, ""), err,
+                            args.error_file)
     except Exception as err:  # no run to end: one line for the launcher
         reason = lifecycle.unreachable_line(time.time()) if lifecycle.unreachable(err) else runs.one_line(err)
         message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {reason}"
@@ -288,14 +335,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablab: error: {message}", file=sys.stderr)
         return 1
     lifecycle.start_heartbeat(MlflowClient(), run_id)
+    box = spool.ArmSpool.for_arm(cfg, ctx.parent_run_id, ctx.index, run_id)
+    client = spool.HoldingClient(box, cfg.outage_window_s)
+    ranks = None
     try:
-        run_arm(cfg, ctx, run_id)
-        lifecycle.verify_predictions(MlflowClient(), run_id)  # FINISHED only with every prediction uploaded
-        lifecycle.complete(MlflowClient(), run_id)
+        if cfg.devices_per_arm > 1:  # before the first Trainer: Lightning then joins these ranks, launches none
+            ranks = ddp.Ranks(cfg.devices_per_arm, sys.argv[1:] if argv is None else argv, run_id,
+                              ddp.threads_per_rank(ctx.threads, cfg.devices_per_arm),
+                              ddp.ending_run(run_id, f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]})",
+                                             args.error_file))
+        run_arm(cfg, ctx, run_id, box)
+        if ranks is not None and (line := ranks.join()):
+            raise RuntimeError(line)
+        box.upload(client)  # what the logged model's calls kept, were the server away again after the results
+        lifecycle.verify_predictions(client, run_id)  # FINISHED only with every prediction uploaded
+        lifecycle.complete(client, run_id)
+        box.remove()
     except BaseException as err:
         # Interrupted, what follows (a broken lockstep connection, a broken pipe) is noise: say "interrupted".
         interrupted = isinstance(err, KeyboardInterrupt) or lifecycle.received_signal() is not None
-        reason = "interrupted" if interrupted else (
+        rank_line = ranks.abort(interrupted) if ranks else None  # a failed rank says why; rank 0 may see a socket close
+        if isinstance(err, lifecycle.ServerLost) and not interrupted:
+            return _server_lost(cfg, ctx, box, err, args.error_file)
+        box.remove()  # the run ends here, with the reason: nothing to resume
+        reason = "interrupted" if interrupted else rank_line or (
             lifecycle.unreachable_line(time.time()) if lifecycle.unreachable(err) else runs.one_line(err))
         message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {reason}"
         if args.error_file:
@@ -310,8 +373,21 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(1)
         return 1
+    if args.done_file:  # the run is complete: the launcher moves on while this process tears down (~2 s)
+        Path(args.done_file).write_text(run_id)
     return 0
 
 
+def _server_lost(cfg: Config, ctx: ArmContext, box: spool.ArmSpool, err: lifecycle.ServerLost,
+                 error_file: str | None) -> int:
+    """The server stayed away past outage_window_s: the results wait in the spool and the run stays RUNNING
+    (`python -m lab resume` finishes it); no line here, the launcher prints one for the job."""
+    box.mark_lost(err.since)
+    if error_file:
+        Path(error_file).write_text(f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {err}; "
+                                    f"results kept in {box.folder}")
+    return lifecycle.EXIT_SERVER_LOST
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standby() if sys.argv[1:] == ["--standby"] else main())

@@ -5,6 +5,7 @@
     python -m lab run --arms resnet18,resnet34,mobilenetv3_large_100
     python -m lab run --help                            # every parameter
     python -m lab plan --acc 0.95 --disagreement 0.04 --mde 0.01   # the test-set size to aim for
+    python -m lab resume ~/.cache/ablab/spool/<parent run id>      # finish a job that lost its tracking server
 
 Every config key is an option; the YAML given by --config is read first and options win. Bad input ends with
 one line on stderr and exit code 2 before any run exists; a failure after the parent run started marks it
@@ -90,6 +91,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     leaderboard.leaderboard(load_config(config_path(args.config), _overrides(args)), args.fingerprint)
 
 
+def cmd_resume(args: argparse.Namespace) -> None:
+    experiment.resume(args.dir)
+
+
 def past_disagreement(fingerprint: str) -> tuple[float, float, str]:
     """(disagreement, median accuracy, where from): the mean share of test images on which two past evaluations
     of different models on this dataset differ in correctness, over every pair of them."""
@@ -165,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--fix", action="store_true", help="end each stale run FAILED (ab.error: stale: process gone)")
     check.add_argument("--experiment", default="", help="only this experiment (default: every readable one)")
     check.set_defaults(func=lambda args: doctor.doctor(args.experiment, fix=args.fix))
+    resume = sub.add_parser("resume", help="finish a job that lost its tracking server, from the spool folder its "
+                                           "last line named (once the server is back)")
+    resume.add_argument("dir", help="the job's spool folder (<data_dir>/spool/<parent run id>)")
+    resume.set_defaults(func=cmd_resume)
     return parser
 
 

@@ -1,6 +1,7 @@
 """`python -m lab doctor [--fix]`: find ablab runs that a crashed job left RUNNING (their process is gone: known
 by their host and pid tags, or a heartbeat older than lifecycle.STALE_AFTER_S) and, with --fix, end them FAILED
-with `ab.error` "stale: process gone".
+with `ab.error` "stale: process gone". A job that lost its tracking server left its results in a spool folder:
+doctor names it, and `python -m lab resume <dir>` still finishes that job after --fix.
 
     python -m lab doctor             # list them
     python -m lab doctor --fix       # end them
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from lab import lifecycle, runs
+from lab import lifecycle, runs, spool
 
 STALE_ERROR = "stale: process gone"
 
@@ -23,7 +25,11 @@ def describe(run: Run) -> str:
     tags = run.data.tags
     where = f"{tags.get(lifecycle.HOST_TAG, '?')} pid {tags.get(lifecycle.PID_TAG, '?')}"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
-    return f"{run.info.run_id} ({tags.get('ab.role')} {tags.get('mlflow.runName', '')!r}, started {started}, {where})"
+    line = f"{run.info.run_id} ({tags.get('ab.role')} {tags.get('mlflow.runName', '')!r}, started {started}, {where})"
+    folder = tags.get(spool.SPOOL_TAG)
+    if folder and (Path(folder) / spool.PARENT).is_file():  # a lost server: its results wait there
+        line += f"; results kept in {folder}: python -m lab resume {folder}"
+    return line
 
 
 def doctor(experiment: str = "", fix: bool = False) -> list[str]:

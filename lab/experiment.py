@@ -10,6 +10,7 @@ from then on `runs.parent_run` ends the run FINISHED, FAILED or KILLED.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -22,9 +23,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 
-from lab import history, launch, lineage, registry, report, runs
+from lab import history, launch, lifecycle, lineage, registry, report, runs, spool
 from lab.compare import Arm, analyse, fetch_arms, parent_metrics
-from lab.config import Config, flat_params
+from lab.config import Config, flat_params, load_config
 from lab.launch import Plan
 
 
@@ -72,6 +73,11 @@ def preflight(cfg: Config, indices: Sequence[int]) -> None:
 
 def run(cfg: Config) -> Outcome:
     """`python -m lab run`: every arm evaluated here (or reused), compared in one parent run."""
+    with launch.standby(cfg, len(cfg.arm_specs)):  # the arms import torch, Lightning... while preflight runs
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> Outcome:
     n = len(cfg.arm_specs)
     preflight(cfg, range(n))
     p = launch.plan(cfg, n)
@@ -92,8 +98,9 @@ def run(cfg: Config) -> Outcome:
 def conduct(job: Job) -> Outcome:
     """The parent run: config, the arms, the comparison (metrics, tags, report), promotion; never left RUNNING."""
     cfg = job.cfg
-    client = MlflowClient()
-    with runs.parent_run(cfg.experiment, job.run_name) as run:
+    client = lifecycle.patient(MlflowClient(), cfg.outage_window_s)  # a lost server is waited for, then spooled
+    with runs.parent_run(cfg.experiment, job.run_name) as run, spool.for_job(client, cfg, run, job.names,
+                                                                            job.run_name):
         run_id = run.info.run_id
         # Prefixed: `mlflow run` has already logged the raw -P values ("" = from the YAML) under the plain names.
         mlflow.log_params({f"config.{k}": v for k, v in flat_params(cfg).items()})
@@ -138,7 +145,8 @@ def add_params(client, arms: list[Arm]) -> None:
     """Each arm's recorded config (`extra["params"]`): the guard names the setting (seed, test_fraction, data)
     that gave two arms different test sets."""
     for arm in arms:
-        arm.extra.setdefault("params", dict(client.get_run(arm.run_id).data.params))
+        if "params" not in arm.extra:  # fetch_arms records them: no second get_run
+            arm.extra["params"] = dict(client.get_run(arm.run_id).data.params)
 
 
 def test_groups(cfg: Config) -> dict[int, str] | None:
@@ -150,8 +158,19 @@ def test_groups(cfg: Config) -> dict[int, str] | None:
     return data.test_groups(cfg)
 
 
+# Up to this many test images the parent may resolve the dataset itself (it imports torch, and scans or hashes
+# the data: seconds at CIFAR's 10,000, far more at ImageNet's 50,000): for the flips gallery, and for the class
+# names of runs that did not log them.
+LOCAL_DATA_MAX_N = 10_000
+
+
 def class_names(cfg: Config, arms: list[Arm]) -> tuple[str, ...] | None:
-    """The dataset's class names when it resolves here to the arms' very test set; else None (indices)."""
+    """The class names the baseline arm logged (checked against its label map: no dataset, no torch); for older
+    runs, the dataset's when it resolves here, is small, and is the arms' very test set; else None (indices)."""
+    if arms[0].extra.get("class_names"):
+        return tuple(arms[0].extra["class_names"])
+    if len(arms[0].predictions) > LOCAL_DATA_MAX_N:
+        return None
     from lab.data import resolve_dataset  # torch: `compare` of existing runs may not need it otherwise
 
     try:
@@ -162,14 +181,18 @@ def class_names(cfg: Config, arms: list[Arm]) -> tuple[str, ...] | None:
 
 
 def log_comparison(client, parent_run_id: str, cfg: Config, summary: dict[str, Any], out_dir: Path) -> None:
-    """Metrics in one batch, verdict tags, and the rendered report under `comparison/`."""
+    """Metrics in one batch, verdict tags, and the rendered report under `comparison/` (summary.json, and the full
+    per-class, confusion and flip tables as Parquet)."""
 
     def gallery(ids: list[int]) -> list:
-        from lab.data import test_images  # torch: only when the report shows flipped samples
+        try:
+            from lab.data import test_images  # torch: only when the report shows flipped samples
 
-        return test_images(cfg, ids, fingerprint=summary["fingerprint"])
+            return test_images(cfg, ids, fingerprint=summary["fingerprint"])
+        except Exception:  # a gallery is a nicety: a dataset that fails to load leaves it out
+            return []
 
-    report.render(summary, out_dir, gallery=gallery)
+    report.render(summary, out_dir, gallery=gallery if summary["n"] <= LOCAL_DATA_MAX_N else None)
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in parent_metrics(summary).items()]
     tags = [
@@ -200,3 +223,45 @@ def link_sources(client, run_id: str, summary: dict[str, Any], arms: list[Arm]) 
     note = f"**{summary['sentence']}**\n\nCompared runs:\n" + "\n".join(lines)
     tags.append(RunTag("mlflow.note.content", note + "\n\nSee artifacts: comparison/report.html"))
     client.log_batch(run_id, tags=tags)
+
+
+def resume(folder: str) -> Outcome | None:
+    """`python -m lab resume <dir>`, once the tracking server is back: finish a job that lost it, from the spool
+    folder its last line named. Each arm's kept results are uploaded, verified and its child run completed; then
+    the comparison is conducted in the job's own parent run, which ends FINISHED. An arm that lost the server
+    before its predictions existed ends FAILED, and the parent FAILED naming it (a new `run` evaluates it again
+    and reuses the complete arms). A second call finds the parent finished and says so."""
+    job, path = spool.read_job(folder), Path(folder).expanduser()
+    os.environ["MLFLOW_TRACKING_URI"] = job["tracking_uri"]  # where the job's runs are, whatever is set here
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded file is noise
+    mlflow.set_tracking_uri(job["tracking_uri"])
+    client, parent_id, names = MlflowClient(), job["parent_run_id"], list(job["names"])
+    with runs.reading_runs():  # the server still away: one line, nothing changed
+        parent = client.get_run(parent_id)
+        if parent.info.status == "FINISHED" and parent.data.tags.get("ab.verdict"):
+            print(f"ablab: parent run {parent_id} is finished already (verdict {parent.data.tags['ab.verdict']}); "
+                  "nothing to resume", file=sys.stderr)
+            return None
+        done, problems = spool.settle_arms(client, path, job)
+    if problems:
+        line = (f"resume: {'; '.join(problems)} (`python -m lab run` evaluates them again and reuses the complete "
+                "arms)")
+        lifecycle.end_run(client, parent_id, line, "FAILED")
+        raise runs.RunFailed(line)
+    (path / "config.yaml").write_text(job["config"])
+    cfg = load_config(path / "config.yaml")
+    arms = fetch_arms(client, [done[i] for i in range(len(names))], names)
+    add_params(client, arms)
+    if "ab.error" in parent.data.tags:  # ended FAILED by the lost job, or by `doctor --fix`
+        client.delete_tag(parent_id, "ab.error")
+    spool.mark(path, resuming=True)
+    os.environ["MLFLOW_RUN_ID"] = parent_id  # runs.parent_run reopens it, as under `mlflow run`
+    try:
+        outcome = conduct(Job(cfg, names, job["run_name"], {"ab.resumed_from": str(path)}, None,
+                              known=dict(enumerate(arms))))
+    finally:
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    spool.mark(path, resuming=False, finished=True)
+    print(outcome.summary["sentence"])
+    print(f"ablab: resumed parent run {parent_id} from {path}: verdict {outcome.summary['verdict']}", file=sys.stderr)
+    return outcome

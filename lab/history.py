@@ -2,8 +2,9 @@
 read) that already evaluated an arm that way.
 
 Every ablab child run records what makes an evaluation repeatable: the model identity (`ab.model_identity`:
-timm name and flags, registry version, or file hash), the dataset fingerprint, the preprocessing and the
-precision. `find_reusable` searches the tracking server (a local store or a shared `mlflow server`) for a
+timm name and flags, registry version, or file hash), the dataset fingerprint, the preprocessing, the
+precision and whether it ran with deterministic kernels (`ab.deterministic`; a run older than that tag counts as
+false). `find_reusable` searches the tracking server (a local store or a shared `mlflow server`) for a
 FINISHED child run with the same key; `python -m lab run` and `compare` then reuse its predictions instead of
 evaluating again (`rerun=true` evaluates anyway), and the report names the run each reused arm came from.
 
@@ -35,7 +36,10 @@ from lab.registry import REGISTRY_VERSION
 
 # Training keys that, with the starting weights (identity), decide what a fine-tuned arm tested. The test set,
 # class names and input pipeline are covered by the fingerprint and the preprocessing tag.
-RECIPE_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "augment", "seed", "data")
+RECIPE_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "augment", "seed", "data", "devices_per_arm")
+# A param that runs before it existed did not log, with the value they ran with: a DDP fine-tune (another
+# effective batch and order) is never reused for a one-process one, nor the reverse.
+PARAM_BEFORE = {"devices_per_arm": "1"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class EvalKey:
     # Fine-tunes: (tag, value) pairs the child must carry too (lab/data/keys.training_tags: the arm's seed,
     # determinism, the training split's contents, library versions).
     training: tuple[tuple[str, str], ...] = ()
+    # Every arm: Trainer(deterministic=...) changes the kernels a test runs, so a run's predictions are reused
+    # only by a job that asks for the same ("true"/"false", tag ab.deterministic; no tag = "false").
+    deterministic: str = "false"
 
 
 def recipe(cfg: Config) -> tuple[tuple[str, str], ...]:
@@ -71,7 +78,8 @@ def expected_key(spec: str, cfg: Config, num_classes: int, fingerprint: str) -> 
     identity = models.expected_identity(spec, cfg, num_classes) if preprocess is not None else None
     if identity is None:
         return None
-    return EvalKey(identity, fingerprint, preprocess.describe(), cfg.precision, recipe(cfg))
+    return EvalKey(identity, fingerprint, preprocess.describe(), cfg.precision, recipe(cfg),
+                   deterministic=str(cfg.deterministic).lower())
 
 
 def _quoted(value: str) -> str | None:
@@ -81,13 +89,16 @@ def _quoted(value: str) -> str | None:
 def find_reusable(client, key: EvalKey, experiment_ids: Sequence[str] | None = None) -> Run | None:
     """The newest FINISHED child run that evaluated exactly `key`, else (for a registry version) the child that
     tested the weights registered as that version; or None."""
-    clauses = [f"tags.`ab.{tag}` = {q}" for tag, value in (("dataset_fingerprint", key.fingerprint),
-                                                            ("model_identity", key.identity))
-               if (q := _quoted(value))]
+    # The store narrows by every tag it can compare (the rest is checked below); a missing deterministic tag
+    # means false, which a search cannot express, so only "true" is narrowed there.
+    narrow = [("dataset_fingerprint", key.fingerprint), ("model_identity", key.identity),
+              ("precision", key.precision), *([("deterministic", "true")] if key.deterministic == "true" else [])]
+    clauses = [f"tags.`ab.{tag}` = {q}" for tag, value in narrow if (q := _quoted(value))]
     for run in runs.search_children(client, " and ".join(clauses), experiment_ids):
         tags, params = run.data.tags, run.data.params
         if (tags.get("ab.model_identity") == key.identity and _same_test(tags, key)
-                and all(params.get(k) == v for k, v in key.recipe) and all(tags.get(k) == v for k, v in key.training)
+                and all(params.get(k, PARAM_BEFORE.get(k)) == v for k, v in key.recipe)
+                and all(tags.get(k) == v for k, v in key.training)
                 and lifecycle.reusable(client, run)):
             return run
     registered = REGISTRY_VERSION.fullmatch(key.identity)
@@ -102,7 +113,8 @@ def find_reusable(client, key: EvalKey, experiment_ids: Sequence[str] | None = N
 
 def _same_test(tags: dict[str, str], key: EvalKey) -> bool:
     return (tags.get("ab.dataset_fingerprint") == key.fingerprint and tags.get("ab.preprocess") == key.preprocess
-            and tags.get("ab.precision") == key.precision)
+            and tags.get("ab.precision") == key.precision
+            and tags.get("ab.deterministic", "false") == key.deterministic)
 
 
 def reusable_arms(cfg: Config, indices: Sequence[int] | None = None) -> dict[int, Run]:
@@ -112,16 +124,14 @@ def reusable_arms(cfg: Config, indices: Sequence[int] | None = None) -> dict[int
     from lab.data import resolve_dataset, training_tags  # torch: only `run` and `compare` of model specs get here
 
     client, info = MlflowClient(), resolve_dataset(cfg)
-    found = {}
+    keys = {}
     try:
-        experiments = runs.readable_experiment_ids(client)
         for i in indices if indices is not None else range(len(cfg.arm_specs)):
-            key = expected_key(cfg.arm_specs[i], cfg, info.num_classes, info.fingerprint)
+            key = expected_key(cfg.arm_specs[i], cfg, info.num_classes, info.fingerprint)  # may ask the registry
             if key is not None:  # the training data, seed and libraries: a changed training image trains again
-                key = dataclasses.replace(key, training=tuple(training_tags(cfg, i, info).items()))
-            if key is not None and (run := find_reusable(client, key, experiments)) is not None:
-                found[i] = run
-        if note := lifecycle.stale_note(client, experiments):  # a crashed job's runs: never reused
+                keys[i] = dataclasses.replace(key, training=tuple(training_tags(cfg, i, info).items()))
+        found, note = lookup(client, keys)
+        if note:  # a crashed job's runs: never reused
             print(note, file=sys.stderr)
     except MlflowException as err:  # unreachable server, no permission: one line before any run exists
         raise ValueError(runs.mlflow_error_line(err, "looking for finished evaluations to reuse")) from None
@@ -132,10 +142,18 @@ def reusable_arms(cfg: Config, indices: Sequence[int] | None = None) -> dict[int
     return found
 
 
+def lookup(client, keys: dict[int, EvalKey]) -> tuple[dict[int, Run], str]:
+    """The tracking-store side of `reusable_arms` (what benchmarks/history_scale.py times): arm index -> the run
+    to reuse, and the note about stale runs ("" when none)."""
+    experiments = runs.readable_experiment_ids(client)
+    found = {i: run for i, key in keys.items() if (run := find_reusable(client, key, experiments)) is not None}
+    return found, lifecycle.stale_note(client, experiments)
+
+
 def reuse_key_line(fine_tune: bool) -> str:
     """What a reused arm matched on, in words (the console line and the parent's `ab.reuse_key.<arm>` tag)."""
     if not fine_tune:
-        return "model, test set, preprocessing, precision and epochs=0"
+        return "model, test set, preprocessing, precision, deterministic and epochs=0"
     return ("model, test set, preprocessing, precision, recipe (" + ", ".join(RECIPE_KEYS) + "), seed of the arm, "
             "deterministic, training-split contents and torch/torchvision/timm/lightning versions")
 

@@ -7,18 +7,26 @@ Placement:
   same clocks and temperature and their per-batch latencies pair up;
 - `sequential`: one after the other on the same device.
 `auto` picks parallel when there are at least as many GPUs as arms, lockstep otherwise.
+
+Start and end cost seconds per arm, kept off the job's critical path: `standby` starts the arm processes before
+preflight (they import torch, Lightning, timm and MLflow meanwhile, then wait for their command line), and an arm
+counts as done once its run is complete (its done file), its interpreter's exit reaped in the background.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,27 +69,36 @@ def visible_gpus(cfg: Config) -> tuple[str, ...]:
 
 
 def plan(cfg: Config, n_arms: int, gpus: tuple[str, ...] | None = None) -> Plan:
+    if cfg.placement == "ray":  # the cluster decides the devices; joined here, before any run exists
+        from lab import cluster  # Ray: imported only for this placement
+
+        device, threads = cluster.connect(cfg)
+        return Plan("ray", device, (), threads)
     gpus = visible_gpus(cfg) if gpus is None else gpus
-    placement = cfg.placement
+    placement, k = cfg.placement, cfg.devices_per_arm  # k > 1: an arm is k DDP processes, one GPU each
     if placement == "auto":
-        placement = "parallel" if gpus and len(gpus) >= n_arms else "lockstep"
-    if placement == "parallel" and gpus and len(gpus) < n_arms:
-        raise ValueError(f"placement: parallel needs one GPU per arm ({n_arms}), found {len(gpus)}; "
-                         "use placement=lockstep or sequential")
+        placement = "parallel" if gpus and len(gpus) >= n_arms * k else "lockstep" if k == 1 else "sequential"
+    if placement == "parallel" and gpus and len(gpus) < n_arms * k:
+        per_arm = f"one GPU per arm ({n_arms})" if k == 1 else f"{k} GPUs per arm ({n_arms * k} for {n_arms} arms)"
+        raise ValueError(f"placement: parallel needs {per_arm}, found {len(gpus)}; use placement="
+                         + ("lockstep or sequential" if k == 1 else "sequential or fewer devices_per_arm"))
+    if gpus and len(gpus) < k:
+        raise ValueError(f"devices_per_arm: {k} needs {k} GPUs, found {len(gpus)}; use devices_per_arm={len(gpus)}")
     cores = os.cpu_count() or 1
-    if not gpus:
+    if not gpus:  # threads per arm; its k ranks share them (lab/ddp.py)
         threads = max(1, cores // n_arms) if placement == "parallel" else cores
         return Plan(placement, "cpu", (), threads)
-    return Plan(placement, "cuda", gpus[:n_arms] if placement == "parallel" else gpus[:1], 0)
+    groups = tuple(",".join(gpus[i:i + k]) for i in range(0, len(gpus) - k + 1, k))  # CUDA_VISIBLE_DEVICES of an arm
+    return Plan(placement, "cuda", groups[:n_arms] if placement == "parallel" else groups[:1], 0)
 
 
 def arm_command(cfg_path: Path, index: int, parent_run_id: str, experiment_id: str, p: Plan,
-                error_file: Path, lockstep: str | None, world: int) -> list[str]:
+                error_file: Path, lockstep: str | None, world: int, done_file: Path | None = None) -> list[str]:
     """The command line of one arm process (lab/arm.py)."""
     cmd = [sys.executable, "-m", "lab.arm", "--config", str(cfg_path), "--index", str(index),
            "--parent-run-id", parent_run_id, "--experiment-id", experiment_id, "--device", p.device,
            "--threads", str(p.threads), "--error-file", str(error_file), "--world-size", str(world)]
-    return cmd + (["--lockstep", lockstep] if lockstep else [])
+    return cmd + (["--lockstep", lockstep] if lockstep else []) + (["--done-file", str(done_file)] if done_file else [])
 
 
 def arm_env(p: Plan, index: int) -> dict[str, str]:
@@ -103,10 +120,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def _stop(procs, grace_s: float = 10.0) -> None:
+def _stop(procs, grace_s: float = 10.0, complete: Sequence[subprocess.Popen] = ()) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`; an arm whose run is `complete` (only tearing down) gets SIGKILL at
+    once: it has nothing left to save, and a SIGTERM would interrupt its interpreter's exit noisily."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
-        proc.terminate()
+        if proc in complete:
+            proc.kill()
+        else:
+            proc.terminate()
     deadline = time.monotonic() + grace_s
     for proc in running:
         try:
@@ -131,6 +153,14 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
     indices = everything if indices is None else list(indices)
     if not indices:
         return []
+    if p.placement == "ray":  # one Ray task per arm, anywhere in the cluster (lab/cluster.py)
+        from lab import cluster
+
+        slots = Path(cluster.CONFIG_SLOT), Path(cluster.ERROR_SLOT)
+        argv = {i: arm_command(slots[0], i, parent_run_id, experiment_id, p, slots[1], None, 1)[1:] for i in indices}
+        results = cluster.run_arms(cfg, parent_run_id, experiment_id, p.device, argv, indices)
+        return [ArmOutcome(r.index, names[r.index], r.run_id, r.returncode,
+                           r.error or exit_line(names[r.index], r.returncode)) for r in results]
     world = len(names)
     if indices != everything:
         p, world = subset_plan(p), 1
@@ -143,27 +173,35 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
     codes: dict[int, int] = {}
     with tempfile.TemporaryDirectory(prefix="ablab-arms-") as tmp:
         errors = {i: Path(tmp) / f"arm{i}.err" for i in indices}
+        dones = {i: Path(tmp) / f"arm{i}.done" for i in indices}  # written by an arm once its run is complete
 
         def start(i: int) -> subprocess.Popen:
             cmd = arm_command(cfg_path, i, parent_run_id, experiment_id, p, errors[i],
-                              server.address if server else None, world)
-            procs[i] = subprocess.Popen(cmd, env=arm_env(p, i), preexec_fn=_die_with_parent)
+                              server.address if server else None, world, dones[i])
+            env = arm_env(p, i)
+            procs[i] = _go(i, env, cmd[3:]) or subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
             return procs[i]
 
         done = False
         try:
-            if p.placement == "sequential":
+            if p.placement == "sequential":  # the next arm starts once this one is gone (its device memory freed)
                 for i in indices:
-                    codes[i] = start(i).wait()
+                    _wait_all({i: start(i)}, codes, server, dones if i == indices[-1] else None)
             else:
                 for i in indices:
                     start(i)
-                _wait_all(procs, codes, server)
+                _wait_all(procs, codes, server, dones)
             done = True
         finally:
-            _stop(procs.values())  # interrupted (Ctrl-C, an exception): no arm outlives the launcher
+            complete = [proc for i, proc in procs.items() if proc.poll() is None and dones[i].exists()]
+            if done:  # only their interpreters' exit is left: reaped while the parent fetches and compares
+                reap_in_background(complete)
+            # Interrupted (Ctrl-C, an exception): no arm outlives the launcher.
+            _stop([proc for proc in procs.values() if not (done and proc in complete)], complete=complete)
             if server is not None:
                 server.close()
+            if lifecycle.EXIT_SERVER_LOST in codes.values():  # an arm waited out the window: calls fail at once now
+                lifecycle.mark_unreachable(time.time(), note=False)
             settle_children(experiment_id, parent_run_id, procs, interrupted=not done)
         messages = {i: errors[i].read_text().strip() if errors[i].exists() else "" for i in indices}
     by_index = runs.children_of(MlflowClient(), experiment_id, parent_run_id)
@@ -192,12 +230,112 @@ def settle_children(experiment_id: str, parent_run_id: str, procs: dict[int, sub
         pass
 
 
-def _wait_all(procs: dict[int, subprocess.Popen], codes: dict[int, int], server) -> None:
-    """Poll the arms running at once until every one has exited; a dead arm gives up its lockstep turns."""
-    while len(codes) < len(procs):
+def _wait_all(procs: dict[int, subprocess.Popen], codes: dict[int, int], server,
+              dones: dict[int, Path] | None = None) -> None:
+    """Poll the arms running at once until every one has exited or completed its run (its `dones` marker: what
+    is left is the interpreter's exit, about 2 s off the critical path); a dead arm gives up its lockstep turns."""
+    dones = dones or {}
+    while not codes.keys() >= procs.keys():
         for i, proc in procs.items():
-            if i not in codes and proc.poll() is not None:
+            if i in codes:
+                continue
+            if proc.poll() is not None:
                 codes[i] = proc.returncode
-                if server is not None:
-                    server.reap(i)  # a dead arm must not keep the others waiting for its turn
-        time.sleep(0.2)
+            elif i in dones and dones[i].exists():
+                codes[i] = 0
+            else:
+                continue
+            if server is not None:
+                server.reap(i)  # a dead arm must not keep the others waiting for its turn
+        if not codes.keys() >= procs.keys():
+            time.sleep(0.05)
+
+
+_TEARING_DOWN: list[subprocess.Popen] = []
+_REAP_AT_EXIT = threading.Event()  # set once _reap_all is registered with atexit
+
+
+def reap_in_background(procs: Sequence[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """Arm processes whose runs are complete but which are still exiting: a daemon thread waits for each (no
+    zombie), and the launcher's exit waits `grace_s` at most for them, then kills what is left (no arm left
+    behind; PR_SET_PDEATHSIG would kill them anyway)."""
+    if procs and not _REAP_AT_EXIT.is_set():
+        _REAP_AT_EXIT.set()
+        atexit.register(_reap_all, grace_s)
+    _TEARING_DOWN[:] = [proc for proc in _TEARING_DOWN if proc.returncode is None]
+    for proc in procs:
+        _TEARING_DOWN.append(proc)
+        threading.Thread(target=proc.wait, name=f"ablab-reap-{proc.pid}", daemon=True).start()
+
+
+def _reap_all(grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    while _TEARING_DOWN:
+        proc = _TEARING_DOWN.pop()
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------------- standby arms
+# An arm process spends seconds importing torch, Lightning, timm and MLflow before its first batch. `standby`
+# starts the arms before preflight and the parent run, so those imports overlap the launcher's own work; each
+# then waits for its command line on stdin (lab/arm.py, `--standby`).
+
+_STANDBY: dict[int, tuple[subprocess.Popen, dict[str, str]]] = {}
+
+
+@contextlib.contextmanager
+def standby(cfg: Config, n_arms: int) -> Iterator[dict[int, subprocess.Popen]]:
+    """Pre-start one arm process per arm, placed as `plan` will place them; `run_arms` hands each its command
+    line. Those not used by the end of the block (bad input, reused arms, a failed parent) are killed at once:
+    they hold no run and print nothing. Not for Ray (the cluster runs the arms) or AB_NO_STANDBY=1. Yields the
+    processes started, by arm index."""
+    if cfg.placement == "ray" or os.environ.get("AB_NO_STANDBY") == "1":
+        yield {}
+        return
+    p = plan(cfg, n_arms)  # bad input (devices, placement) raises here, before any process starts
+    try:
+        for i in range(n_arms):
+            env = arm_env(p, i)
+            # Its own session: a Ctrl-C at the terminal must not raise in its imports (a traceback); the launcher
+            # stops it instead, as it stops every arm (SIGTERM: "interrupted"), and PR_SET_PDEATHSIG still holds.
+            proc = subprocess.Popen([sys.executable, "-m", "lab.arm", "--standby"], env=env, stdin=subprocess.PIPE,
+                                    preexec_fn=_die_with_parent, start_new_session=True)
+            _STANDBY[i] = (proc, env)
+        yield {i: proc for i, (proc, _) in _STANDBY.items()}
+    finally:
+        discard_standby()
+
+
+def _go(index: int, env: dict[str, str], argv: list[str]) -> subprocess.Popen | None:
+    """Send the pre-started arm `index` its command line; None when there is none with this environment (a
+    subset of arms runs sequentially, placed differently) or it died: the caller starts a fresh one."""
+    proc, standby_env = _STANDBY.pop(index, (None, None))
+    if proc is None:
+        return None
+    if standby_env == env and proc.poll() is None:
+        try:
+            proc.stdin.write((json.dumps(argv) + "\n").encode())
+            proc.stdin.close()
+            return proc
+        except OSError:  # it died meanwhile
+            pass
+    _kill(proc)
+    return None
+
+
+def discard_standby() -> None:
+    """Kill the pre-started arms nobody needed (SIGKILL: they are only importing or waiting, no run, no output)."""
+    while _STANDBY:
+        _kill(_STANDBY.popitem()[1][0])
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()

@@ -2,6 +2,8 @@
 experiment you can read, ranked: accuracy with its Wilson interval, latency and memory, and whether each is
 significantly worse than the best (paired McNemar on the per-sample predictions, Holm-corrected over the
 comparisons with the best). Logged as an MLflow table (leaderboard.json) in a new run, and printed.
+Per-sample correctness comes from each run's packed bits (lab/correctness.py: one search for every run's tags
+and metrics, then small artifacts read concurrently and cached by run id), so 1,000 evaluations rank in seconds.
 
     python -m lab leaderboard --fingerprint sha256:...        # a child run's tag ab.dataset_fingerprint
     python -m lab leaderboard --data digits --seed 0          # or computed from the data keys, as `run` would
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import mlflow
@@ -19,8 +22,8 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from lab import lifecycle, runs, stats
-from lab.compare import Arm, align, check_comparable, fetch_arms
+from lab import correctness, lifecycle, runs, stats
+from lab.compare import GUARDED_TAGS, Arm, ComparisonError, align, check_comparable, fetch_arms
 from lab.config import Config, unique_names
 
 FINGERPRINT = re.compile(r"sha256:[0-9a-f]{8,64}")
@@ -34,39 +37,57 @@ def leaderboard_table(arms: list[Arm], context: dict[str, dict[str, Any]] | None
                       method: str = "exact") -> pd.DataFrame:
     """One row per evaluation, best first; `context` adds columns per run id (experiment name, epochs).
 
-    The best arm (highest accuracy; the first listed among ties) is tested against every other with McNemar
-    `method`; the k - 1 p-values are Holm-adjusted (`stats.adjust_pvalues`, checked against statsmodels), and
-    `worse_than_best` is adjusted p < `alpha`.
+    The arms' predictions are guarded (`check_comparable`) and aligned, then ranked by `rank`.
     """
     if not arms:
         raise ValueError("leaderboard needs at least one evaluation; got none")
     if len(arms) > 1:
         check_comparable(arms)  # one fingerprint should imply it; the guard proves it on the predictions
     _, _, correct = align(arms)
+    columns = [describe(a.run_id, a.spec or a.name, a.tags, a.metrics) | (context or {}).get(a.run_id, {})
+               for a in arms]
+    return rank(correct, columns, alpha, method)
+
+
+def describe(run_id: str, model: str, tags: dict[str, str], metrics: dict[str, float]) -> dict[str, Any]:
+    """The columns of one evaluation that need no statistics: what it was, where it ran, latency and memory."""
+    return {"model": model, "latency_ms_p50": metrics.get("latency_ms_p50"),
+            "latency_ms_p99": metrics.get("latency_ms_p99"),
+            "throughput_img_per_s": metrics.get("throughput_img_per_s"),
+            "peak_mem_mb": metrics.get("gpu_mem_peak_mb", metrics.get("cpu_rss_peak_mb")),
+            "device": tags.get("ab.device", ""), "precision": tags.get("ab.precision", ""),
+            "preprocess": tags.get("ab.preprocess", ""), "identity": tags.get("ab.model_identity", ""),
+            "experiment": "", "epochs": "", "run_id": run_id}
+
+
+def rank(correct: np.ndarray, columns: list[dict[str, Any]], alpha: float = 0.05,
+         method: str = "exact") -> pd.DataFrame:
+    """The table from an (n, k) correctness matrix (samples in one order for every column) and k `describe` dicts.
+
+    The best evaluation (highest accuracy; the first listed among ties) is tested against every other with
+    McNemar `method` (`stats.mcnemar_counts`, vectorised over the k - 1 pairs); the p-values are Holm-adjusted
+    (`stats.adjust_pvalues`, checked against statsmodels), and `worse_than_best` is adjusted p < `alpha`.
+    """
     n, k = correct.shape
+    if k == 0:
+        raise ValueError("leaderboard needs at least one evaluation; got none")
     accuracy = correct.mean(axis=0)
     best = int(np.argmax(accuracy))
     others = [j for j in range(k) if j != best]
     raw, holm = np.full(k, np.nan), np.full(k, np.nan)
     if others:
-        raw[others] = [stats.mcnemar(correct[:, best], correct[:, j], method=method).pvalue for j in others]
+        top, rest = correct[:, best, None], correct[:, others]
+        discordant_b, discordant_c = np.count_nonzero(top & ~rest, axis=0), np.count_nonzero(~top & rest, axis=0)
+        raw[others] = stats.mcnemar_counts(discordant_b, discordant_c, method)[1]
         holm[others] = stats.adjust_pvalues(raw[others], "holm")
     rows = []
-    for j, arm in enumerate(arms):
+    for j, described in enumerate(columns):
         w = stats.wilson_ci(int(correct[:, j].sum()), n, 1 - alpha)
-        t = arm.metrics
         rows.append({
-            "model": arm.spec or arm.name, "accuracy": w.estimate, "acc_low": w.low, "acc_high": w.high, "n": n,
+            **described, "accuracy": w.estimate, "acc_low": w.low, "acc_high": w.high, "n": n,
             "pvalue_vs_best": None if j == best else float(raw[j]),
             "pvalue_holm": None if j == best else float(holm[j]),
-            "worse_than_best": bool(j != best and holm[j] < alpha),
-            "latency_ms_p50": t.get("latency_ms_p50"), "latency_ms_p99": t.get("latency_ms_p99"),
-            "throughput_img_per_s": t.get("throughput_img_per_s"),
-            "peak_mem_mb": t.get("gpu_mem_peak_mb", t.get("cpu_rss_peak_mb")),
-            "device": arm.tags.get("ab.device", ""), "precision": arm.tags.get("ab.precision", ""),
-            "preprocess": arm.tags.get("ab.preprocess", ""), "identity": arm.tags.get("ab.model_identity", ""),
-            "experiment": "", "epochs": "", "run_id": arm.run_id, **(context or {}).get(arm.run_id, {}),
-            "_best": j == best,
+            "worse_than_best": bool(j != best and holm[j] < alpha), "_best": j == best,
         })
     table = pd.DataFrame(rows).sort_values(["_best", "accuracy"], ascending=False, kind="stable")
     table.insert(0, "rank", np.arange(1, k + 1))
@@ -103,7 +124,7 @@ def leaderboard(cfg: Config, fingerprint: str = "") -> pd.DataFrame:
             raise ValueError(f"fingerprint: {fingerprint!r} is not a dataset fingerprint (sha256:<32 hex digits>, "
                              "tag ab.dataset_fingerprint of a child run)")
         fingerprint = fingerprint or _fingerprint_of(cfg)
-        table = _rank(cfg, fingerprint)
+        table = evaluations_table(cfg, fingerprint)
     with runs.parent_run(cfg.experiment, f"leaderboard {fingerprint.removeprefix('sha256:')[:12]}") as run:
         mlflow.set_tags({"ab.role": "leaderboard", "ab.dataset_fingerprint": fingerprint,
                          "ab.leaderboard_best": table.iloc[0]["model"], "ab.leaderboard_size": str(len(table))})
@@ -126,19 +147,51 @@ def _fingerprint_of(cfg: Config) -> str:
     return resolve_dataset(cfg).fingerprint
 
 
-def _rank(cfg: Config, fingerprint: str) -> pd.DataFrame:
-    """The table of every FINISHED child run on `fingerprint`, in every experiment this user can read."""
+def evaluations_table(cfg: Config, fingerprint: str) -> pd.DataFrame:
+    """The table of every FINISHED child run on `fingerprint`, in every experiment this user can read.
+
+    One paged search gives every run's tags and metrics; each run's correctness bits come from
+    `lab.correctness.fetch` (concurrent, cached by run id under data_dir/history), never its predictions file.
+    """
     client = MlflowClient()
-    found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'")
+    experiments = runs.readable_experiment_ids(client)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablab-stale") as pool:
+        stale = pool.submit(lifecycle.stale_note, client, experiments)  # its own search, alongside ours
+        found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'", experiments)
+        bits = correctness.fetch(found, correctness.default_cache_dir(cfg.data_dir))
+        note = stale.result()
+    if lost := next((r for r in found if bits[r.info.run_id] is None and lifecycle.is_complete(r)), None):
+        raise ComparisonError(f"run {lost.info.run_id} has no {lifecycle.PREDICTIONS}; it is not an ablab evaluation")
     # A run ended FINISHED by an older ablab before its predictions existed (killed in test) cannot be ranked.
-    found = [r for r in found if lifecycle.is_complete(r) or lifecycle.has_predictions(client, r.info.run_id)]
-    if note := lifecycle.stale_note(client, runs.readable_experiment_ids(client)):
+    found = [r for r in found if bits[r.info.run_id] is not None]
+    if note:
         print(note, file=sys.stderr)
     if not found:
         raise ValueError(f"no FINISHED ablab evaluation on dataset fingerprint {fingerprint} in any "
                          "experiment you can read")
-    arms = fetch_arms(client, [r.info.run_id for r in found], unique_names([r.info.run_id[:8] for r in found]))
-    experiments = {eid: client.get_experiment(eid).name for eid in {r.info.experiment_id for r in found}}
-    context = {r.info.run_id: {"experiment": experiments[r.info.experiment_id],
-                               "epochs": r.data.params.get("epochs", "")} for r in found}
-    return leaderboard_table(arms, context, alpha=cfg.alpha, method=cfg.mcnemar_method)
+    names = unique_names([r.info.run_id[:8] for r in found])
+    _check_one_test_set(client, found, names, bits)
+    experiment_names = {eid: client.get_experiment(eid).name for eid in {r.info.experiment_id for r in found}}
+    columns = [describe(r.info.run_id, r.data.tags.get("ab.model") or name, r.data.tags, r.data.metrics)
+               | {"experiment": experiment_names[r.info.experiment_id], "epochs": r.data.params.get("epochs", "")}
+               for r, name in zip(found, names, strict=True)]
+    correct = np.stack([bits[r.info.run_id].correct for r in found], axis=1)
+    return rank(correct, columns, alpha=cfg.alpha, method=cfg.mcnemar_method)
+
+
+def _check_one_test_set(client, found: list, names: list[str], bits: dict[str, correctness.Correctness]) -> None:
+    """`compare`'s guard (classes, label map, sample ids and labels) on the tags and the bits' sample digest.
+    Where a run differs from the first, both predictions files are fetched so that the refusal says what."""
+    def scored(run) -> tuple[str, ...]:
+        tags = run.data.tags
+        return (*(tags.get(key, "<missing>") for key, _, _ in GUARDED_TAGS), bits[run.info.run_id].test_set)
+
+    base = scored(found[0])
+    odd = next((j for j in range(1, len(found)) if scored(found[j]) != base), None)
+    if odd is None:
+        return
+    pair = [found[0].info.run_id, found[odd].info.run_id]
+    check_comparable(fetch_arms(client, pair, [names[0], names[odd]]))  # raises, naming the difference
+    raise ComparisonError(f"runs {pair[0]} and {pair[1]} scored different samples (digest "
+                          f"{base[-1][:15]}… vs {scored(found[odd])[-1][:15]}…): evaluate both on the same dataset, "
+                          "split and seed")

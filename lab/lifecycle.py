@@ -1,18 +1,21 @@
 """Run statuses that tell the truth: who owns a run (host, pid, heartbeat), when a child may be called FINISHED
 (predictions verified, then the completion tag, then the status), signals turned into Ctrl-C, arms that died by a
-signal, stale runs, and bounded MLflow HTTP retries.
+signal, stale runs, bounded MLflow HTTP retries, and outages of the tracking server waited out for a window.
 
     lifecycle.raise_on_signals()                     # SIGTERM/SIGHUP take the KeyboardInterrupt path
     client.create_run(..., tags={..., **lifecycle.owner_tags()})
     lifecycle.verify_predictions(client, run_id); lifecycle.complete(client, run_id)
+    client = lifecycle.patient(MlflowClient(), cfg.outage_window_s)   # calls wait for a lost server, then ServerLost
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -31,9 +34,14 @@ MAX_ERROR = 5000
 # fails; these fail one call within about 15 s on a refused connection and 4 x 20 s + 15 s on a silent one.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# Once a call found the server gone, every later call fails at once and `Patient` does the waiting, with its own
+# backoff, so that nothing waits past outage_window_s by more than one call (at most this timeout).
+FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+EXIT_SERVER_LOST = 75  # an arm gave up on the tracking server after outage_window_s; its results are spooled
 PAUSE_ENV, MARKER_ENV = "AB_TEST_PAUSE_IN", "AB_TEST_PAUSE_MARKER"  # tests: an arm waits in `fit` or `test`
 
 _received: list[int] = []
+_outage: dict[str, Any] = {"since": None, "saved": {}}  # this process's view of the tracking server
 
 
 def set_http_defaults(env: dict[str, str] | os._Environ = os.environ) -> None:
@@ -106,6 +114,8 @@ def end_outer_run(message: str) -> None:
 
 def unreachable(err: BaseException) -> bool:
     """Whether `err` says the tracking server could not be reached (rather than that it refused a request)."""
+    if isinstance(err, ServerLost):
+        return True
     text = f"{type(err).__name__}: {err}"
     return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError",
                                    "Failed to establish a new connection", "Read timed out", "RemoteDisconnected"))
@@ -113,6 +123,91 @@ def unreachable(err: BaseException) -> bool:
 
 def unreachable_line(since: float) -> str:
     return f"tracking server unreachable since {time.strftime('%H:%M:%S', time.localtime(since))}"
+
+
+class ServerLost(ConnectionError):
+    """The tracking server stayed unreachable for longer than outage_window_s."""
+
+    def __init__(self, since: float, window_s: float) -> None:
+        super().__init__(f"{unreachable_line(since)}, longer than outage_window_s={window_s:g} s")
+        self.since, self.window_s = since, window_s
+
+
+def outage_since() -> float | None:
+    """When this process found the tracking server gone (None: it answers)."""
+    return _outage["since"]
+
+
+def mark_unreachable(since: float, note: bool = True) -> float:
+    """The server is gone (since `since`, unless known earlier): from now on MLflow calls of this process fail at
+    once instead of retrying for about 15 s each (FAIL_FAST_ENV). With `note`, one line says so on stderr (else a
+    job that waits for its server looks hung). Returns when the outage began."""
+    if _outage["since"] is None:
+        _outage["since"], _outage["noted"] = since, note
+        if note:
+            print(f"ablab: note: {unreachable_line(since)}; results are kept locally and uploaded when it is back",
+                  file=sys.stderr, flush=True)
+        _outage["saved"] = {k: os.environ.get(k) for k in FAIL_FAST_ENV}
+        os.environ.update(FAIL_FAST_ENV)
+    return _outage["since"]
+
+
+def mark_reachable() -> None:
+    """The server answered: MLflow's HTTP retries as they were before the outage."""
+    if _outage["since"] is None:
+        return
+    if _outage.get("noted"):
+        print(f"ablab: note: tracking server back after {time.time() - _outage['since']:.0f} s", file=sys.stderr,
+              flush=True)
+    for key, value in _outage["saved"].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _outage["since"] = None
+
+
+class Patient:
+    """An MlflowClient whose calls wait out a lost tracking server: on a connection error the call is tried again
+    with backoff (1, 2, 4 ... 10 s) until `window_s` have passed since the outage began, then `ServerLost` is
+    raised. Other errors pass at once."""
+
+    def __init__(self, client, window_s: float) -> None:
+        self._client, self.window_s = client, window_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def waiting(*args: Any, **kwargs: Any) -> Any:
+            return self.call(attr, *args, **kwargs)
+
+        return waiting
+
+    def call(self, fn, *args: Any, **kwargs: Any) -> Any:
+        delay = 1.0
+        while True:
+            started = time.time()
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as err:
+                if isinstance(err, ServerLost) or not unreachable(err):
+                    raise
+                since = mark_unreachable(started)
+                left = since + self.window_s - time.time()
+                if left <= 0:
+                    raise ServerLost(since, self.window_s) from None
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, 10.0)
+                continue
+            mark_reachable()
+            return result
+
+
+def patient(client, window_s: float) -> Patient:
+    return client if isinstance(client, Patient) else Patient(client, window_s)
 
 
 def end_run(client, run_id: str, message: str, status: str) -> bool:
@@ -212,8 +307,9 @@ def stale_note(client, experiment_ids: Sequence[str]) -> str:
 
 def settle_arm(client, run_id: str, code: int | None, interrupted: bool) -> None:
     """An arm process has ended: a child it left RUNNING is ended with the reason (killed by a signal,
-    interrupted with the job, or exited without ending it)."""
-    if client.get_run(run_id).info.status != "RUNNING":
+    interrupted with the job, or exited without ending it). One that gave up on a lost server stays RUNNING: its
+    results are spooled for `python -m lab resume`."""
+    if code == EXIT_SERVER_LOST or client.get_run(run_id).info.status != "RUNNING":
         return
     if code is not None and code < 0 and not interrupted:
         end_run(client, run_id, f"arm killed by signal {-code}", "FAILED")
@@ -234,16 +330,20 @@ def quiet_interrupts() -> None:
         logging.getLogger(name).addFilter(_not_interrupt_noise)
 
 
-def arm_logger(tracking_uri: str, run_id: str):
+def arm_logger(tracking_uri: str, run_id: str, client=None):
     """Lightning's MLFlowLogger, except that it never ends the run: `finalize` would mark it FINISHED after
-    `fit`, before the test stage and the predictions exist. lab/arm.py ends the run itself."""
+    `fit`, before the test stage and the predictions exist. lab/arm.py ends the run itself. `client` replaces
+    the logger's own (lab/spool.py's, which keeps metrics and telemetry locally while the server is away)."""
     from lightning.pytorch.loggers import MLFlowLogger  # torch: only arm processes get here
 
     class ArmLogger(MLFlowLogger):
         def finalize(self, status: str = "success") -> None:
             return None
 
-    return ArmLogger(tracking_uri=tracking_uri, run_id=run_id, log_model=False)
+    logger = ArmLogger(tracking_uri=tracking_uri, run_id=run_id, log_model=False)
+    if client is not None:
+        logger._mlflow_client = client  # what `logger.experiment` returns: metrics, params, telemetry go through it
+    return logger
 
 
 def pause_callbacks() -> list:

@@ -91,7 +91,12 @@ def log_datasets(client, run_id: str, datasets: dict[str, Any]) -> None:
 
     inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
               for context, ds in datasets.items()]
-    client.log_inputs(run_id, datasets=inputs)
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except Exception as err:  # arms started at once insert the same new dataset; the loser's retry links the winner's
+        if "unique" not in str(err).lower():
+            raise
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def copy_test_input(client, source_run_id: str, run_id: str) -> bool:

@@ -1,6 +1,8 @@
 """Every figure of a comparison report, drawn with matplotlib (Agg) from the summary's numbers.
 
 Each ``plot_*`` returns a Figure (or None when there is nothing to draw); ``to_png`` turns one into bytes.
+Per-class figures draw the summary's "classes_shown" (every class up to 50, else the classes that matter), so a
+1,000-class comparison draws 50 bars, not 1,000 (seconds of matplotlib, and nothing a reader can read).
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 Figure = Any
+MAX_LABELLED = 50  # class names under the bars up to this many bars
+
+
+def shown_classes(summary: dict[str, Any], num_classes: int) -> list[int]:
+    """The class indices the per-class figures draw, in order: "classes_shown", else all of them."""
+    return list(summary.get("classes_shown") or range(num_classes))
+
+
+def subset_title(summary: dict[str, Any], shown: list[int], what: str) -> str:
+    k = summary.get("num_classes", len(shown))
+    return what if len(shown) >= k else f"{what}: {len(shown)} of {k:,} classes (largest changes, then the worst)"
 
 
 def plot_forest(summary: dict[str, Any]) -> Figure:
@@ -42,15 +55,23 @@ def plot_forest(summary: dict[str, Any]) -> Figure:
 
 
 def plot_confusion(summary: dict[str, Any]) -> Figure:
-    """One row-normalised confusion matrix per arm, with counts where there are at most 20 classes."""
+    """One row-normalised confusion matrix per arm, with counts where there are at most 20 classes. On a subset of
+    the classes (summary "classes_shown") a last column, "other", holds predictions of the classes left out."""
     arms = summary["arms"]
     fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 4), squeeze=False)
-    for ax, arm in zip(axes[0], arms, strict=True):
+    for i, (ax, arm) in enumerate(zip(axes[0], arms, strict=True)):
         m = np.asarray(arm["confusion"], dtype=float)
-        rows = m / np.maximum(m.sum(1, keepdims=True), 1)
-        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        other = arm.get("confusion_other")
+        full = m if other is None else np.column_stack([m, np.asarray(other, dtype=float)])
+        rows = full / np.maximum(full.sum(1, keepdims=True), 1)
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1, aspect="equal" if other is None else "auto")
         ax.set_title(f"{arm['name']} (rows: true, normalised)", fontsize=9)
-        ax.set_xlabel("predicted")
+        if other is not None:  # a subset: name the classes once, on the left (text is most of a figure's cost)
+            names = summary.get("class_names") or []
+            labels = [names[c] if c < len(names) else str(c) for c in shown_classes(summary, len(m))]
+            ax.set_yticks(range(len(labels)), labels if i == 0 else [], fontsize=4)
+            ax.set_xticks([len(labels)], ["other"], fontsize=6)
+        ax.set_xlabel("predicted" if other is None else "predicted (the rows' classes, then all others)")
         ax.set_ylabel("true")
         if len(m) <= 20:
             ax.set_xticks(range(len(m)))
@@ -71,18 +92,20 @@ def plot_confusion(summary: dict[str, Any]) -> Figure:
 
 
 def plot_per_class(summary: dict[str, Any]) -> Figure:
-    """Grouped bars: each arm's accuracy per class."""
+    """Grouped bars: each arm's accuracy per class shown."""
     arms, names = summary["arms"], summary["class_names"]
-    k = len(names)
+    shown = shown_classes(summary, len(names))
+    k = len(shown)
     fig, ax = plt.subplots(figsize=(max(6, min(0.45 * k * len(arms), 18)), 3.6))
     width = 0.8 / len(arms)
     for j, arm in enumerate(arms):
-        ax.bar(np.arange(k) + j * width, arm["per_class_accuracy"], width, label=arm["name"])
-    ax.set_xticks(np.arange(k) + 0.4 - width / 2, names if k <= 40 else [""] * k, rotation=90 if k > 12 else 0)
+        ax.bar(np.arange(k) + j * width, [arm["per_class_accuracy"][c] for c in shown], width, label=arm["name"])
+    labels = [names[c] for c in shown] if k <= MAX_LABELLED else [""] * k
+    ax.set_xticks(np.arange(k) + 0.4 - width / 2, labels, rotation=90 if k > 12 else 0, fontsize=None if k <= 20 else 6)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
-    ax.set_title("Per-class accuracy")
+    ax.set_title(subset_title(summary, shown, "Per-class accuracy"), fontsize=None if len(shown) == len(names) else 9)
     fig.tight_layout()
     return fig
 
@@ -131,7 +154,8 @@ def plot_flips(pair: dict[str, Any]) -> Figure:
     fig, ax = plt.subplots(figsize=(max(6, min(0.4 * len(rows), 18)), 3.2))
     ax.bar(x - 0.2, [r["only_a"] for r in rows], 0.4, label=f"only {pair['a']} right")
     ax.bar(x + 0.2, [r["only_b"] for r in rows], 0.4, label=f"only {pair['b']} right")
-    ax.set_xticks(x, labels if len(rows) <= 40 else [""] * len(rows), rotation=90 if len(rows) > 12 else 0)
+    ax.set_xticks(x, labels if len(rows) <= MAX_LABELLED else [""] * len(rows), rotation=90 if len(rows) > 12 else 0,
+                  fontsize=None if len(rows) <= 20 else 6)
     ax.set_ylabel("samples")
     ax.set_title(f"Flips per class: {pair['b']} vs {pair['a']}")
     ax.legend(fontsize=8)

@@ -5,13 +5,15 @@ test_experiment, test_compare_runs, test_leaderboard, test_registry, test_runs, 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from conftest import FAST_ARGS
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, Param, RunTag
 
+from lab import correctness
 from lab.compare import Arm
 from lab.config import Config, flat_params, load_config
 from lab.launch import ArmOutcome
@@ -52,22 +54,26 @@ def log_parent(client, experiment_id: str, name: str = "parent") -> str:
 
 def log_child(client, experiment_id: str, frame: pd.DataFrame, *, model: str = "resnet10t",
               identity: str | None = None, parent_run_id: str | None = None, params: dict[str, str] | None = None,
-              metrics: dict[str, float] | None = None, status: str = "FINISHED", arm: str = "a",
+              metrics: dict[str, float] | None = None, status: str = "FINISHED", arm: str = "a", bits: bool = True,
               **tag_changes: str) -> str:
-    """A child run as lab/arm.py leaves it: tags, params, metrics and predictions/predictions.parquet."""
+    """A child run as lab/arm.py leaves it: tags, params, metrics, predictions/predictions.parquet and (unless
+    `bits=False`, as a run logged before lab/correctness.py) predictions/correct.json."""
     parent = parent_run_id or log_parent(client, experiment_id)
     tags = TAGS | {"ab.arm": arm, "ab.model": model, "mlflow.parentRunId": parent,
                    "ab.model_identity": identity or f"timm:{model}:pretrained=False:classes=3"}
     tags |= ({"ab.complete": "true"} if status == "FINISHED" else {}) | tag_changes  # as lab/lifecycle.py ends it
     run_id = client.create_run(experiment_id, tags=tags, run_name=f"{arm}: {model}").info.run_id
-    for key, value in ({"data": "fake", "epochs": "0", "seed": "0"} | (params or {})).items():
-        client.log_param(run_id, key, value)
-    for key, value in ({"latency_ms_p50": 1.5, "cpu_rss_peak_mb": 900.0} | (metrics or {})).items():
-        client.log_metric(run_id, key, value)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in ({"data": "fake", "epochs": "0", "seed": "0"}
+                                                             | (params or {})).items()],
+                     metrics=[Metric(k, v, now, 0) for k, v in ({"latency_ms_p50": 1.5, "cpu_rss_peak_mb": 900.0}
+                                                               | (metrics or {})).items()])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "predictions.parquet"
         frame.to_parquet(path, index=False)
         client.log_artifact(run_id, str(path), "predictions")
+        if bits:
+            client.log_artifact(run_id, str(correctness.write(frame, Path(tmp))), "predictions")
     client.set_terminated(run_id, status)
     return run_id
 

@@ -77,10 +77,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, backend_uri: str, auth: bool = False, timeout_s: float = 240) -> Server:
-    """`mlflow server` on a free port with artifacts proxied into root/artifacts; raises with its log on failure."""
+def start_server(root: Path, backend_uri: str, auth: bool = False, timeout_s: float = 240,
+                 port: int | None = None) -> Server:
+    """`mlflow server` on a free port (or `port`: a restart after an outage) with artifacts proxied into
+    root/artifacts; raises with its log on failure."""
     root.mkdir(parents=True, exist_ok=True)
-    port, log, artifacts = free_port(), root / "server.log", root / "artifacts"
+    port, log, artifacts = port or free_port(), root / "server.log", root / "artifacts"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

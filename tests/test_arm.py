@@ -14,12 +14,13 @@ import weakref
 from collections import Counter
 from typing import Any
 
+import mlflow
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from lab import arm
+from lab import arm, correctness
 from lab.config import Config, build_config
 from lab.models import ArmModule, ResolvedModel, preprocess_for
 
@@ -198,6 +199,8 @@ def test_an_arm_makes_the_same_mlflow_calls_whatever_the_number_of_batches(
             count_mlflow_calls(patch, counts)
             arm.run_arm(cfg, ctx, run_id)
         assert len(logged_predictions(run_id)) == n_test
+        bits = correctness.from_json(mlflow.artifacts.load_text(f"runs:/{run_id}/{correctness.ARTIFACT}"))
+        assert (bits.correct == correctness.from_predictions(logged_predictions(run_id)).correct).all()
         calls[n_test] = dict(counts)
     assert calls[8] == calls[48]
     # params+tags, hyperparameters, test_accuracy, telemetry summary, tags and series, per-class metrics; the
@@ -277,3 +280,17 @@ def test_a_model_that_torch_export_cannot_trace_is_logged_as_safetensors_and_say
     assert model.tags["ablab.format"].startswith("safetensors (pt2 export failed: ")
     files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
     assert files == {"model.safetensors", "extra_files"}
+
+
+def test_a_standby_arm_runs_the_command_line_it_is_sent_and_leaves_quietly_without_one(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`python -m lab.arm --standby` (pre-started by the launcher): one JSON list on stdin is its argv."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert arm.standby() == 0  # the job needed no arm here
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setattr("sys.stdin", io.StringIO('["--help"]\n'))
+    with pytest.raises(SystemExit) as exit_:
+        arm.standby()
+    assert exit_.value.code == 0 and "--parent-run-id" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lab.config import build_config
-from lab.data import ABDataModule, DataError, Preprocess, resolve_dataset
+from lab.data import ABDataModule, DataError, Preprocess, SplitDataset, resolve_dataset
 
 
 def _module(**values) -> ABDataModule:
@@ -56,6 +56,39 @@ def test_training_order_and_augmentation_do_not_depend_on_the_model_rng() -> Non
         batches.append(next(iter(dm.train_dataloader())))
     assert torch.equal(batches[0][2], batches[1][2])  # same sample ids in the same order
     assert torch.equal(batches[0][0], batches[1][0])  # same augmented pixels
+
+
+def _forked_reference(dataset: SplitDataset, i: int) -> torch.Tensor:
+    """How the augmentation was seeded before (torch.random.fork_rng + torch.manual_seed): the images must not
+    change, or past fine-tunes could no longer be reused or reproduced."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((dataset.seed, dataset.epoch, i)) & 0x7FFF_FFFF)
+        return dataset.transform(dataset._pixels(i))
+
+
+def test_augmentation_per_sample_matches_the_forked_rng_and_leaves_the_global_rng_alone() -> None:
+    dm = _module(data="digits", seed=1, augment="crop_flip")
+    dm.trainer = None
+    dataset = dm.train_dataloader().dataset
+    assert dataset.seed == 1
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    images = [dataset[i][0] for i in range(40)]
+    assert torch.equal(torch.get_rng_state(), before)  # the model's dropout and init draws are untouched
+    for i, image in enumerate(images):
+        assert torch.equal(image, _forked_reference(dataset, i))
+    assert len({img.sum().item() for img in images}) > 1 and not torch.equal(images[0], dataset.transform(
+        dataset._pixels(0)))  # really augmented, and seeded per sample
+
+
+def test_no_augmentation_means_no_per_sample_seeding_and_the_same_images() -> None:
+    dm = _module(data="digits", seed=1)
+    dm.trainer = None
+    dataset = dm.train_dataloader().dataset
+    assert dataset.seed is None  # augment=none: the transform draws nothing, so nothing is seeded
+    seeded = SplitDataset(dataset.split, dataset.transform, seed=1)
+    for i in (0, 5, 77):
+        assert torch.equal(dataset[i][0], _forked_reference(seeded, i))
 
 
 def test_fake_is_deterministic_in_the_seed() -> None:

@@ -46,3 +46,18 @@ def test_doctor_lists_then_ends_only_the_runs_whose_process_is_gone(tracking: st
 def test_doctor_of_an_unknown_experiment_is_one_line(tracking: str, capsys) -> None:
     assert cli.main(["doctor", "--experiment", "nope"]) == cli.EXIT_BAD_INPUT
     assert capsys.readouterr().err.strip() == "ablab: error: experiment 'nope' does not exist"
+
+
+def test_doctor_names_the_spool_folder_of_a_job_that_lost_its_server(tracking: str, tmp_path, capsys) -> None:
+    from lab import spool
+
+    client = MlflowClient()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    parent = running(client, proc.pid, "parent")
+    folder = tmp_path / "spool" / parent
+    folder.mkdir(parents=True)
+    (folder / spool.PARENT).write_text("{}")
+    client.set_tag(parent, spool.SPOOL_TAG, str(folder))
+    assert cli.main(["doctor"]) == 0
+    assert f"stale: {parent}" in (out := capsys.readouterr().out) and f"python -m lab resume {folder}" in out

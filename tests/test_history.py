@@ -6,6 +6,7 @@ search runs in seconds; tests/test_experiment.py checks that `run` reuses what i
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import mlflow
@@ -65,7 +66,24 @@ def test_recipe_of_a_fine_tuned_arm_holds_the_training_keys() -> None:
     as_is, tuned = history.recipe(fast_cfg()), dict(history.recipe(fast_cfg(epochs="3", lr="0.01")))
     assert as_is == (("epochs", "0"),)
     assert tuned == {"epochs": "3", "lr": "0.01", "weight_decay": "0.05", "batch_size": "16", "augment": "none",
-                     "seed": "0", "data": "fake"}
+                     "seed": "0", "data": "fake", "devices_per_arm": "1"}
+
+
+def test_a_ddp_fine_tune_and_a_one_process_one_are_not_reused_for_each_other(tracking: str) -> None:
+    """devices_per_arm changes a fine-tune's effective batch and order; runs from before the param count as 1."""
+    client = mlflow.MlflowClient()
+    frame = predictions(LABELS, LABELS > 0)
+    recipe = dict(history.recipe(fast_cfg(epochs="3")))
+    key = history.EvalKey("timm:resnet10t:pretrained=False:classes=3", FINGERPRINT, PREPROCESS, "32",
+                          tuple(recipe.items()))
+    ddp_key = dataclasses.replace(key, recipe=tuple((recipe | {"devices_per_arm": "2"}).items()))
+    before = {k: v for k, v in recipe.items() if k != "devices_per_arm"}  # logged before the param existed
+    legacy = log_child(client, "0", frame, params=before)
+    assert history.find_reusable(client, key).info.run_id == legacy
+    assert history.find_reusable(client, ddp_key) is None
+    ddp = log_child(client, "0", frame, params=recipe | {"devices_per_arm": "2"})
+    assert history.find_reusable(client, ddp_key).info.run_id == ddp
+    assert history.find_reusable(client, key).info.run_id == legacy
 
 
 @pytest.mark.parametrize("preprocess", ["shared", "native"])
@@ -114,6 +132,42 @@ def test_reusable_arms_finds_each_arm_and_rerun_finds_none(tracking: str, capsys
     assert f"arm b (mobilenetv3_small_100) reuses the predictions of run {run_b}" in capsys.readouterr().err
     assert history.reusable_arms(fast_cfg(), indices=[0]) == {}
     assert history.reusable_arms(fast_cfg(rerun="true")) == {}
+    assert history.reusable_arms(fast_cfg(deterministic="true")) == {}  # it ran without deterministic kernels
+
+
+def test_deterministic_is_in_every_arms_key_and_an_untagged_run_counts_as_false(tracking: str) -> None:
+    client = mlflow.MlflowClient()
+    frame = predictions(LABELS, LABELS > 0)
+    key = history.EvalKey("timm:resnet10t:pretrained=False:classes=3", FINGERPRINT, PREPROCESS, "32",
+                          (("epochs", "0"),))
+    strict = dataclasses.replace(key, deterministic="true")
+    legacy = log_child(client, "0", frame)  # logged before ab.deterministic existed
+    assert history.find_reusable(client, key).info.run_id == legacy
+    assert history.find_reusable(client, strict) is None
+    tagged = log_child(client, "0", frame, **{"ab.deterministic": "true"})
+    assert history.find_reusable(client, strict).info.run_id == tagged
+    assert history.find_reusable(client, key).info.run_id == legacy  # newer, but deterministic: not for false
+    newest = log_child(client, "0", frame, **{"ab.deterministic": "false"})
+    assert history.find_reusable(client, key).info.run_id == newest
+    assert history.find_reusable(client, strict).info.run_id == tagged
+    fp = fast_dataset()[0]
+    assert history.expected_key("resnet10t", fast_cfg(deterministic="true"), 10, fp).deterministic == "true"
+    assert history.expected_key("resnet10t", fast_cfg(), 10, fp).deterministic == "false"
+    assert "deterministic" in history.reuse_key_line(False) and "deterministic" in history.reuse_key_line(True)
+
+
+def test_lookup_finds_each_key_and_notes_stale_runs(tracking: str) -> None:
+    """The store side of reuse (what benchmarks/history_scale.py times): one search per arm, one for stale runs."""
+    client = mlflow.MlflowClient()
+    frame = predictions(LABELS, LABELS > 0)
+    key = history.EvalKey("timm:resnet10t:pretrained=False:classes=3", FINGERPRINT, PREPROCESS, "32",
+                          (("epochs", "0"),))
+    run = log_child(client, "0", frame)
+    missing = dataclasses.replace(key, identity="timm:resnet18:pretrained=False:classes=3")
+    found, note = history.lookup(client, {0: key, 3: missing})
+    assert {i: r.info.run_id for i, r in found.items()} == {0: run} and note == ""
+    log_child(client, "0", frame, status="RUNNING", **{"ab.host": "elsewhere", "ab.heartbeat": "1000"})
+    assert "1 run(s) left RUNNING" in history.lookup(client, {0: key})[1]
 
 
 def test_mark_reused_tags_the_parent_and_the_arm(tracking: str) -> None:

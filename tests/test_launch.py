@@ -11,8 +11,10 @@ importing) start together and take about 1-2 minutes on two cores.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -106,7 +108,7 @@ def test_run_arms_starts_only_the_arms_asked_for(tracking: str, monkeypatch: pyt
     """Arms 1 and 2 of three (0 reused): started one after the other; 2 fails and says why in its error file."""
     from mlflow import MlflowClient
 
-    def fake_command(cfg_path, index, parent_run_id, experiment_id, p, error_file, lockstep, world):
+    def fake_command(cfg_path, index, parent_run_id, experiment_id, p, error_file, lockstep, world, done_file=None):
         assert (p.placement, lockstep, world) == ("sequential", None, 1)
         return [sys.executable, "-c", FAKE_ARM, str(index), parent_run_id, experiment_id, str(error_file)]
 
@@ -122,6 +124,64 @@ def test_run_arms_starts_only_the_arms_asked_for(tracking: str, monkeypatch: pyt
     assert outcomes[0].run_id == child.info.run_id and outcomes[1].run_id is None
     assert child.data.tags["ab.placement"] == "sequential"
     assert run_arms(three, Path("unused.yaml"), parent, experiment, plan(three, 3, ()), indices=[]) == []
+
+
+# A stand-in arm whose interpreter exit is slow: it completes its run, says so in its done file, then lingers.
+LINGERING_ARM = """
+import os, sys, time
+from mlflow import MlflowClient
+index, parent, experiment, done_file = sys.argv[1:5]
+tags = {"mlflow.parentRunId": parent, "ab.role": "child", "ab.arm_index": index}
+run = MlflowClient().create_run(experiment, tags=tags)
+MlflowClient().set_terminated(run.info.run_id, "FINISHED")
+open(f"pid{index}", "w").write(str(os.getpid()))
+open(done_file, "w").write(run.info.run_id)
+time.sleep(4)
+"""
+
+
+def _reaped(pid: int, timeout_s: float) -> bool:
+    """The process is gone and waited for: no /proc entry (a zombie keeps one, state Z)."""
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.slow  # two Python processes (stand-in arms that import MLflow)
+def test_an_arm_whose_run_is_complete_frees_the_launcher_and_is_reaped_behind_it(
+        tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    def lingering_command(cfg_path, index, parent_run_id, experiment_id, p, error_file, lockstep, world,
+                          done_file=None):
+        return [sys.executable, "-c", LINGERING_ARM, str(index), parent_run_id, experiment_id, str(done_file)]
+
+    monkeypatch.setattr(launch, "arm_command", lingering_command)
+    client = MlflowClient()
+    experiment = client.create_experiment("launch")
+    parent = client.create_run(experiment).info.run_id
+    two = cfg(placement="parallel", devices="cpu")
+    outcomes = run_arms(two, Path("unused.yaml"), parent, experiment, plan(two, 2, ()))
+    pids = [int(Path(f"pid{i}").read_text()) for i in (0, 1)]
+    # Back before the arms' 4 s exit is over: both are still there, their runs complete.
+    assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert [(o.returncode, o.error) for o in outcomes] == [(0, ""), (0, "")]
+    assert all(client.get_run(o.run_id).info.status == "FINISHED" for o in outcomes)
+    assert all(_reaped(pid, timeout_s=60) for pid in pids)  # then waited for in the background: no zombie
+
+
+@pytest.mark.slow  # starts two real arm processes, killed while they import
+def test_unused_standby_arms_die_with_the_block_and_say_nothing(capfd: pytest.CaptureFixture) -> None:
+    two = cfg(placement="parallel", devices="cpu")
+    with pytest.raises(ValueError, match="bad input"), launch.standby(two, 2) as waiting:
+        assert sorted(waiting) == [0, 1] and all(proc.poll() is None for proc in waiting.values())
+        assert all(proc.args[-1] == "--standby" for proc in waiting.values())
+        raise ValueError("bad input")  # what preflight raises for a bad model name: no run, no arm needed
+    assert [proc.returncode for proc in waiting.values()] == [-signal.SIGKILL] * 2  # killed and reaped
+    assert capfd.readouterr() == ("", "")  # nothing from them on the launcher's terminal
+    with launch.standby(cfg(placement="ray"), 2) as waiting:
+        assert waiting == {}  # the cluster starts Ray's arms
 
 
 # ---- whole jobs, one per placement -------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from history_fakes import correct_mask, log_child, predictions
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from lab import cli, history, lifecycle
 
@@ -138,3 +139,52 @@ def test_unreachable_names_connection_errors_only() -> None:
     assert lifecycle.unreachable(ConnectionError("Max retries exceeded with url: /api (Connection refused)"))
     assert not lifecycle.unreachable(ValueError("epochs: must be >= 0"))
     assert lifecycle.unreachable_line(0).startswith("tracking server unreachable since ")
+
+
+def closed_port_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
+
+
+def test_a_lost_server_is_waited_for_within_the_window_then_server_lost(monkeypatch, capsys) -> None:
+    """Against a port where nothing listens: the call is retried until the window has passed, then ServerLost;
+    meanwhile MLflow's own retries are off (fail fast) and restored once a call succeeds."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    client = lifecycle.patient(MlflowClient(closed_port_uri()), window_s=2.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(lifecycle.ServerLost, match="longer than outage_window_s=2 s") as lost:
+            client.get_run("0" * 32)
+        assert 2.0 <= time.monotonic() - started < 15
+        assert lifecycle.unreachable(lost.value) and lifecycle.outage_since() == lost.value.since
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert capsys.readouterr().err.count("ablab: note: tracking server unreachable since") == 1
+    finally:
+        lifecycle.mark_reachable()
+    assert lifecycle.outage_since() is None and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+
+
+def test_a_patient_call_goes_on_when_the_server_answers_and_passes_other_errors_at_once(tracking: str) -> None:
+    tries = []
+
+    def flaky() -> str:
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise ConnectionError("Max retries exceeded with url: /api (Connection refused)")
+        return "ok"
+
+    client = lifecycle.patient(MlflowClient(), window_s=30)
+    assert client.call(flaky) == "ok" and len(tries) == 3
+    assert lifecycle.outage_since() is None
+    started = time.monotonic()
+    with pytest.raises(MlflowException):
+        client.get_run("0" * 32)  # the server answered: no waiting
+    assert time.monotonic() - started < 5
+
+
+def test_an_arm_that_gave_up_on_the_server_is_left_for_resume(tracking: str) -> None:
+    client = MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    lifecycle.settle_arm(client, run_id, lifecycle.EXIT_SERVER_LOST, interrupted=False)
+    assert client.get_run(run_id).info.status == "RUNNING"

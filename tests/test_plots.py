@@ -78,3 +78,22 @@ def test_many_classes_drop_the_cell_counts() -> None:
     fig = plots.plot_confusion({"arms": [arm]})
     assert not fig.axes[0].texts
     plt.close(fig)
+
+
+def test_past_50_classes_the_figures_draw_the_classes_shown() -> None:
+    from test_compare_classes import IMPROVED, K, many_class_arms
+
+    summary = analyse(build_config({"n_resamples": 200}), many_class_arms())
+    shown = summary["classes_shown"]
+    per_class = plots.plot_per_class(summary)
+    assert len(per_class.axes[0].patches) == 2 * len(shown) == 100  # not 2 x 300 bars
+    assert per_class.axes[0].get_xticklabels()[0].get_text() == str(IMPROVED)
+    assert f"50 of {K} classes" in per_class.axes[0].get_title()
+    flips = plots.plot_flips(summary["pairs"][0])
+    assert len(flips.axes[0].patches) == 2 * len(summary["pairs"][0]["per_class"]) <= 100
+    confusion = plots.plot_confusion(summary)
+    rows = confusion.axes[0].images[0].get_array()
+    assert rows.shape == (50, 51) and confusion.axes[0].get_xticklabels()[-1].get_text() == "other"
+    np.testing.assert_allclose(rows.sum(1), 1.0)  # each true class's images, the classes left out included
+    for fig in (per_class, flips, confusion):
+        assert plots.to_png(fig).startswith(PNG)

@@ -5,7 +5,8 @@
     summary = report.describe(analyse(cfg, arms))  # lab.report words the verdicts
 
 ``arms``: fetch, the comparability guard, input checks, alignment. ``analysis``: the decisions and the summary.
-``latency``: whether latencies compare, and their intervals.
+``latency``: whether latencies compare, and their intervals. ``classes``: per-class numbers at any class count
+(the classes a report shows; every class in ``Summary.tables``).
 """
 
 from lab.compare.analysis import (
@@ -35,17 +36,21 @@ from lab.compare.arms import (
     fetch_arms,
     top5_hits,
 )
+from lab.compare.classes import FLIP_IDS_KEPT, MAX_CLASSES_SHOWN, Summary, classes_that_matter
 from lab.compare.latency import LATENCY_QUANTILES, latency_comparison, latency_verdict, paired_batches
 
 __all__ = [
     "CALIBRATION_KEYS",
     "FINGERPRINT_TAG",
+    "FLIP_IDS_KEPT",
     "GUARDED_TAGS",
     "LATENCY_QUANTILES",
+    "MAX_CLASSES_SHOWN",
     "TELEMETRY_KEYS",
     "Aligned",
     "Arm",
     "ComparisonError",
+    "Summary",
     "accuracy_ci",
     "align",
     "aligned",
@@ -53,6 +58,7 @@ __all__ = [
     "arm_summary",
     "check_comparable",
     "check_inputs",
+    "classes_that_matter",
     "decide_family",
     "family_pvalues",
     "fetch_arms",

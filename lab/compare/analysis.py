@@ -13,6 +13,17 @@ import numpy as np
 
 from lab import stats
 from lab.compare.arms import Aligned, Arm, aligned
+from lab.compare.classes import (
+    FLIP_IDS_KEPT,
+    Summary,
+    class_table,
+    classes_that_matter,
+    confusion_cells,
+    confusion_shown,
+    confusion_table,
+    flip_table,
+    per_class_accuracy,
+)
 from lab.compare.latency import latency_comparison
 from lab.config import Config
 
@@ -68,11 +79,12 @@ def decide_family(cfg: Config, data: Aligned) -> dict[tuple[int, int], stats.Dec
 
 def analyse(
     cfg: Config, arms: list[Arm], class_names: tuple[str, ...] | None = None, groups: Mapping[int, Any] | None = None
-) -> dict[str, Any]:
+) -> Summary:
     """Every number the report shows, as one JSON-able summary of numbers and verdict codes.
 
     `groups` maps sample_id to its group (lab.data.test_groups) when the config names groups. lab.report.describe
-    adds the sentences; lab.report.render lays the summary out.
+    adds the sentences; lab.report.render lays the summary out. Per-class rows, bars and confusion matrices cover
+    "classes_shown" (every class up to 50, else the classes that matter); `Summary.tables` holds all of them.
     """
     data = aligned(cfg, arms, groups)
     n, k = data.correct.shape
@@ -81,12 +93,14 @@ def analyse(
     decisions = decide_family(cfg, data)
     arm_rows = [arm_summary(arm, data, j, cfg.alpha) for j, arm in enumerate(arms)]
     pairs = [pair_summary(cfg, data, (names[0], names[j]), j, decisions[0, j], class_names) for j in range(1, k)]
-    summary: dict[str, Any] = {
+    tables, shown = per_class_views(data, class_names, arm_rows, pairs)
+    summary = Summary({
         "dataset": arms[0].tags.get("ab.dataset", ""),
         "fingerprint": arms[0].tags.get("ab.dataset_fingerprint"),
         "n": n,
         "num_classes": data.num_classes,
         "class_names": list(class_names),
+        "classes_shown": shown.tolist(),
         "rule": cfg.rule,
         "margin": cfg.margin,
         "alpha": cfg.alpha,
@@ -101,7 +115,8 @@ def analyse(
         "preprocess_differs": len({r["preprocess"] for r in arm_rows}) > 1,
         "precision_differs": len({r["precision"] for r in arm_rows}) > 1,
         "latency": latency_comparison(cfg, arms, arms[0].tags.get("ab.placement", "") or cfg.placement, cfg.seed),
-    }
+    })
+    summary.tables = tables
     if k > 2:
         summary |= several_arms(cfg, data, names, decisions)
         holm = {(p["a"], p["b"]): p["pvalue_holm"] for p in summary["pairwise"]}
@@ -109,6 +124,37 @@ def analyse(
             pair["pvalue_holm"] = holm[pair["a"], pair["b"]]
     summary["verdict"] = overall_verdict(summary)
     return summary
+
+
+def per_class_views(data: Aligned, class_names: tuple[str, ...], arm_rows: list[dict[str, Any]],
+                    pairs: list[dict[str, Any]]) -> tuple[dict[str, Any], np.ndarray]:
+    """(the full tables, the classes shown): picks the classes that matter, narrows each pair's per-class rows
+    and each arm's confusion matrix to them, in place, and builds per_class, confusion and flips tables."""
+    k = data.num_classes
+    accuracy = np.asarray([row["per_class_accuracy"] for row in arm_rows], dtype=float).reshape(len(arm_rows), k)
+    net = np.zeros((len(pairs), k))
+    for i, pair in enumerate(pairs):
+        for row in pair["per_class"]:
+            net[i, row["class"]] = row["only_b"] - row["only_a"]
+    shown = classes_that_matter(accuracy, net)
+    cells = {row["name"]: confusion_cells(data.labels, data.preds[:, j], k) for j, row in enumerate(arm_rows)}
+    for row in arm_rows:
+        row |= confusion_shown(cells[row["name"]], shown, k)
+    tables = {
+        "per_class": class_table(class_names, np.bincount(data.labels, minlength=k),
+                                 dict(zip(cells, accuracy, strict=True)), {p["key"]: p["per_class"] for p in pairs}),
+        "confusion": confusion_table(cells),
+    }
+    if pairs:
+        a = data.correct[:, 0]
+        tables["flips"] = flip_table({p["key"]: (p["a"], p["b"], data.ids[a & ~data.correct[:, j + 1]],
+                                                 data.ids[~a & data.correct[:, j + 1]]) for j, p in enumerate(pairs)})
+    if shown.size < k:
+        order = {c: i for i, c in enumerate(shown.tolist())}
+        for pair in pairs:
+            pair["per_class"] = sorted((r for r in pair["per_class"] if r["class"] in order),
+                                       key=lambda r: order[r["class"]])
+    return tables, shown
 
 
 def _group_source(cfg: Config) -> str:
@@ -137,11 +183,6 @@ def arm_summary(arm: Arm, data: Aligned, j: int, alpha: float) -> dict[str, Any]
     w = stats.wilson_ci(int(correct.sum()), n, 1 - alpha)
     conf = arm.predictions["confidence"].to_numpy()
     cal = stats.calibration(conf, correct)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, data.preds[:, j]), 1)
-    per_class = [
-        float(correct[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(num_classes)
-    ]
     top5 = None if data.top5 is None else data.top5[:, j]
     return {
         "name": arm.name,
@@ -156,8 +197,8 @@ def arm_summary(arm: Arm, data: Aligned, j: int, alpha: float) -> dict[str, Any]
         "confidence_std": float(conf.std(ddof=1)) if n > 1 else 0.0,
         "ece": cal.ece,
         "calibration": {key: list(getattr(cal, key)) for key in CALIBRATION_KEYS},
-        "per_class_accuracy": per_class,
-        "confusion": confusion.tolist(),
+        "per_class_accuracy": per_class_accuracy(correct, labels, num_classes).tolist(),
+        "confusion": None,  # on the classes shown: filled in by per_class_views
         "preprocess": arm.tags.get("ab.preprocess", ""),
         "device": arm.tags.get("ab.device", ""),
         "precision": arm.tags.get("ab.precision", ""),
@@ -219,11 +260,13 @@ def pair_summary(
         "p_discordant": p_disc, "mde": mde, "achieved_power": achieved, "n_effective": n_eff,
         "smallest_margin": max(0.0, -d.low) if cfg.rule == "non_inferiority" else max(0.0, -d.low, d.high),
         "per_class": [
-            dataclasses.asdict(c) | {"label": class_names[c.label] if c.label < len(class_names) else str(c.label)}
+            {"class": int(c.label)} | dataclasses.asdict(c)
+            | {"label": class_names[c.label] if c.label < len(class_names) else str(c.label)}
             for c in per_class.classes
         ],
-        "flips_only_a": data.ids[a & ~b].tolist(),
-        "flips_only_b": data.ids[~a & b].tolist(),
+        # The first FLIP_IDS_KEPT on each side (mcnemar_b and _c count them all; flips.parquet lists them all).
+        "flips_only_a": data.ids[a & ~b][:FLIP_IDS_KEPT].tolist(),
+        "flips_only_b": data.ids[~a & b][:FLIP_IDS_KEPT].tolist(),
     }  # fmt: skip
 
 

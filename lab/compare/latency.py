@@ -37,6 +37,8 @@ def latency_verdict(arms: list[Arm], placement: str) -> tuple[bool, str]:
                       "though clocks and temperature may have drifted between them")
     if placement == "parallel":
         return False, "arms ran at the same time on one device and competed for it: latencies are not comparable"
+    if placement == "ray":
+        return False, "arms ran as Ray tasks, at the same time or on different nodes: latencies are not comparable"
     return False, f"placement {placement or 'unknown'}: latencies are not comparable"
 
 

@@ -22,8 +22,19 @@ from lab.data.datasets import (
     resolve_dataset,
 )
 from lab.data.keys import library_versions, train_fingerprint, training_tags
-from lab.data.module import ABDataModule, Preprocess, SplitDataset
 from lab.data.samples import test_groups, test_images
+
+# The data module needs torch and Lightning (seconds of imports): loaded on first use, so that the parent's
+# report (class names, the flips gallery) can read a dataset without them.
+_MODULE_NAMES = ("ABDataModule", "Preprocess", "SplitDataset")
+
+
+def __getattr__(name: str):
+    if name in _MODULE_NAMES:
+        from lab.data import module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'lab.data' has no attribute {name!r}")
 
 __all__ = [
     "IMAGE_SUFFIXES",

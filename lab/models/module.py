@@ -28,9 +28,14 @@ class ArmModule(L.LightningModule):
         self.model = model
         self.num_classes, self.lr, self.weight_decay, self.epochs = num_classes, lr, weight_decay, epochs
         self.channels_last = channels_last
-        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc_per_class = torchmetrics.classification.MulticlassAccuracy(num_classes, average="none")
-        self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
+        # Under DDP the metrics see the gathered predictions on every rank: no sync of their own, which would
+        # count every sample once per rank (and wait in a collective that only rank 0 reaches).
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro",
+                                                                       sync_on_compute=False)
+        self.test_acc_per_class = torchmetrics.classification.MulticlassAccuracy(num_classes, average="none",
+                                                                                 sync_on_compute=False)
+        self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes,
+                                                                                    sync_on_compute=False)
         self._outputs: list[tuple[torch.Tensor, ...]] = []
         self.predictions: pd.DataFrame | None = None
 
@@ -42,7 +47,7 @@ class ArmModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
         loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -71,20 +76,44 @@ class ArmModule(L.LightningModule):
             self._outputs.append((ids, y, *probs.topk(TOPK_STORED, dim=-1)))
 
     def on_test_epoch_end(self) -> None:
-        if self._outputs:
-            labels = torch.cat([out[1] for out in self._outputs])
-            preds = torch.cat([out[2].argmax(dim=-1) if len(out) == 3 else out[3][:, 0] for out in self._outputs])
+        outputs, self._outputs = self._outputs, []
+        if self.trainer.world_size > 1:  # DDP: every rank scored its own batches; all of them, once, everywhere
+            outputs = gather_outputs(outputs, self.trainer.world_size, len(self.trainer.test_dataloaders.dataset))
+        if outputs:
+            labels = torch.cat([out[1] for out in outputs])
+            preds = torch.cat([out[2].argmax(dim=-1) if len(out) == 3 else out[3][:, 0] for out in outputs])
             for metric in (self.test_acc, self.test_acc_per_class, self.test_confusion):
                 metric.update(preds, labels)
         self.log("test_accuracy", self.test_acc.compute())
-        self.predictions = predictions_frame(self._outputs, self.num_classes)
-        self._outputs = []
+        self.predictions = predictions_frame(outputs, self.num_classes)
+        if self.trainer.world_size > 1:  # one-process runs keep the loader's order; gathered ones are sorted
+            self.predictions = self.predictions.sort_values("sample_id", kind="stable", ignore_index=True)
 
     def per_class_accuracy(self) -> list[float]:
         return [float(v) for v in self.test_acc_per_class.compute().cpu()]
 
     def confusion_matrix(self) -> list[list[int]]:
         return self.test_confusion.compute().cpu().tolist()
+
+
+def gather_outputs(outputs: list[tuple[torch.Tensor, ...]], world: int, n_test: int) -> list[tuple[torch.Tensor, ...]]:
+    """Every rank's test outputs, on the CPU, in rank order: one collective at the end of the test.
+
+    The ranks hold disjoint batches of uneven counts, so the outputs travel as objects (no per-batch collective,
+    no padding). Raises when a sample came twice or one is missing: the predictions must be exact.
+    """
+    import torch.distributed as dist
+
+    local = [tuple(t.detach().cpu() for t in out) for out in outputs]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
+    merged = [out for part in gathered for out in part]
+    ids = torch.cat([out[0] for out in merged]) if merged else torch.empty(0, dtype=torch.int64)
+    repeated = len(ids) - len(torch.unique(ids))
+    if repeated or len(ids) != n_test:
+        raise RuntimeError(f"DDP gather: {len(ids)} predictions for {n_test} test images ({repeated} repeated); "
+                           "the test shards must cover the test set once")
+    return merged
 
 
 def predictions_frame(outputs: list[tuple[torch.Tensor, ...]], num_classes: int) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """The layout of a comparison report: its tables, report.md, and a self-contained report.html with the figures
-(lab.plots) embedded as base64 PNGs, so that it renders on its own in the MLflow UI's artifact view.
+(lab.plots) embedded as base64 PNGs, so that it renders on its own in the MLflow UI's artifact view; beside them
+the full per-class, confusion and flip tables as Parquet (the report shows at most 50 classes).
 """
 
 from __future__ import annotations
@@ -147,6 +148,16 @@ def facts(summary: dict[str, Any]) -> str:
     )
 
 
+def classes_line(summary: dict[str, Any]) -> str | None:
+    """Where the report shows a subset of the classes: which, and where every class is; else None."""
+    shown, k = len(summary.get("classes_shown") or ()), summary["num_classes"]
+    if not shown or shown >= k:
+        return None
+    return (f"Per-class tables and figures show {shown} of the {k:,} classes: those whose accuracy changed most "
+            "between the arms, then the worst. Every class is in per_class.parquet, every confusion cell in "
+            "confusion.parquet and every flipped sample in flips.parquet (this report's folder).")
+
+
 def cochran_line(summary: dict[str, Any]) -> str:
     q = summary["cochran"]
     return f"Cochran's Q (accuracy, all arms) = {q['statistic']:.2f} (df {q['df']}), {format_p(q['pvalue'])}."
@@ -167,6 +178,8 @@ def markdown(summary: dict[str, Any], figure_names: list[str]) -> str:
         md += ["All pairs (Holm-corrected):", md_table(*pairwise_table(summary)), "", cochran_line(summary), ""]
     for line in explained(summary):
         md += [line, ""]
+    if classes_line(summary):
+        md += [classes_line(summary), ""]
     for pair in summary["pairs"]:
         md += [f"### Flips per class: {pair['b']} vs {pair['a']}", md_table(*flip_table(pair)), ""]
     md += [f"![{name}]({name}.png)" for name in figure_names]
@@ -197,6 +210,8 @@ def page(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
         body.append(html_table(*pairwise_table(summary)))
     body += [f"<p>{html.escape(line)}</p>" for line in [*power_lines(summary), *group_lines(summary)]]
     body.append("<h2>Flips</h2>")
+    if classes_line(summary):
+        body.append(f"<p>{html.escape(classes_line(summary))}</p>")
     for pair in summary["pairs"]:
         body += [
             f"<h3>{html.escape(pair['b'])} vs {html.escape(pair['a'])}: classes with flips</h3>",
@@ -222,6 +237,7 @@ def render(
     """Write report.md, report.html and the PNGs into out_dir; return the paths by name.
 
     A summary without sentences is described first (in place); `gallery(ids)` gives the pixels of test samples.
+    The summary's full tables (`lab.compare.Summary.tables`), where it has them, are written as <name>.parquet.
     """
     if "sentence" not in summary:
         describe(summary)
@@ -235,4 +251,7 @@ def render(
     paths["report.md"].write_text(markdown(summary, list(pngs)))
     paths["report.html"] = out_dir / "report.html"
     paths["report.html"].write_text(page(summary, pngs))
+    for name, frame in getattr(summary, "tables", {}).items():
+        paths[f"{name}.parquet"] = out_dir / f"{name}.parquet"
+        frame.to_parquet(paths[f"{name}.parquet"], index=False)
     return paths
