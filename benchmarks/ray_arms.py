@@ -84,8 +84,11 @@ def ray_vs_sequential(args: argparse.Namespace) -> float:
 
 
 def ddp_vs_single(args: argparse.Namespace) -> float:
-    """One arm with devices_per_arm=2 against the same arm in one process (the DDP engineer fills this in)."""
-    raise NotImplementedError("ddp_vs_single: devices_per_arm=2 against one process is not measured yet")
+    """One arm with devices_per_arm=2 against the same arm in one process: benchmarks/ddp_arm.py's figure
+    (its defaults; run that script for its options and table)."""
+    import ddp_arm  # benchmarks/ddp_arm.py, beside this file
+
+    return ddp_arm.ddp_vs_single(ddp_arm.parse(["--smoke"] if args.smoke else []))["ratio"]
 
 
 def main() -> None:

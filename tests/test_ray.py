@@ -202,7 +202,9 @@ def _wait_running(server: Server, experiment: str, arms: tuple[str, ...], proc: 
 @pytest.mark.slow  # a Ray cluster, a tracking server and a job
 def test_a_killed_worker_fails_its_arm_and_the_parent_and_keeps_the_other(two_nodes: str, server: Server,
                                                                          tmp_path: Path) -> None:
-    job = _job(server, "ray-kill", "--placement", "ray", "--ray_address", two_nodes, "--epochs", "1", cwd=tmp_path)
+    # A short fine-tune (420 training images) keeps arm b alive for some seconds after its run exists.
+    job = _job(server, "ray-kill", "--placement", "ray", "--ray_address", two_nodes, "--epochs", "1",
+               "--fake_samples", "600", cwd=tmp_path)
     children = _wait_running(server, "ray-kill", ("b",), job)
     arm_pid = int(children["b"].data.tags["ab.pid"])
     worker_pid = int(Path(f"/proc/{arm_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the Ray worker
@@ -222,9 +224,9 @@ def test_a_killed_worker_fails_its_arm_and_the_parent_and_keeps_the_other(two_no
 @pytest.mark.slow  # a Ray cluster, a tracking server and a job
 def test_ctrl_c_cancels_the_arm_tasks_and_leaves_no_run_running(two_nodes: str, server: Server,
                                                                 tmp_path: Path) -> None:
-    # A longer fine-tune (1,400 training images) than the other jobs: both arms are still training at Ctrl-C.
+    # A long fine-tune (1,400 training images of 96 px; the job is interrupted): both arms are training at Ctrl-C.
     job = _job(server, "ray-int", "--placement", "ray", "--ray_address", two_nodes, "--epochs", "1",
-               "--fake_samples", "2000", cwd=tmp_path)
+               "--fake_samples", "2000", "--image_size", "96", cwd=tmp_path)
     children = _wait_running(server, "ray-int", ("a", "b"), job)
     job.send_signal(signal.SIGINT)
     _, err = job.communicate(timeout=120)
