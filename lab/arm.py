@@ -37,6 +37,7 @@ from lab.data import ABDataModule, DatasetInfo, Preprocess, resolve_dataset, tra
 from lab.models import ArmModule, ResolvedModel, model_spec, preprocess_for, resolve_model, save_model_dir
 
 OOM_MIN_BATCH = 1
+DENSE_CONFUSION_MAX = 50  # classes up to which the arm's confusion matrix is dense JSON (else sparse Parquet)
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,12 @@ def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_n
     # The same correctness in ~n/8 bytes: what `leaderboard` reads over thousands of runs (lab/correctness.py).
     correctness.write(module.predictions, predictions)
     (extra / "per_class_accuracy.json").write_text(runs.strict_json(dict(zip(class_names, per_class, strict=True))))
-    (extra / "confusion_matrix.json").write_text(runs.strict_json(
-        {"classes": list(class_names), "matrix": module.confusion_matrix()}))
+    if len(class_names) <= DENSE_CONFUSION_MAX:
+        (extra / "confusion_matrix.json").write_text(runs.strict_json(
+            {"classes": list(class_names), "matrix": module.confusion_matrix()}))
+    else:  # a dense k x k JSON is 4 MB at 1,000 classes and 400 MB at 10,000: the non-zero cells, long form
+        cells = module.predictions.groupby(["label", "pred"]).size().rename("count").reset_index()
+        cells.to_parquet(extra / "confusion.parquet", index=False)
     box.results_written()
     box.upload(client)
 

@@ -294,3 +294,23 @@ def test_a_standby_arm_runs_the_command_line_it_is_sent_and_leaves_quietly_witho
     with pytest.raises(SystemExit) as exit_:
         arm.standby()
     assert exit_.value.code == 0 and "--parent-run-id" in capsys.readouterr().out
+
+
+def test_past_50_classes_the_confusion_matrix_is_sparse_parquet(tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense k x k JSON grows as k squared (4 MB at 1,000 classes): past 50 classes the arm logs the non-zero
+    cells, which must add up to the same counts as the predictions."""
+    from mlflow import MlflowClient
+
+    classes = 60
+    cfg = config(fake_classes=classes, fake_samples=200, test_fraction=0.5)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes))
+    use_network(monkeypatch, net)
+    run_id, ctx = start_child(cfg)
+    arm.run_arm(cfg, ctx, run_id)
+    listed = {f.path for f in MlflowClient().list_artifacts(run_id, "metrics")}
+    assert "metrics/confusion.parquet" in listed and "metrics/confusion_matrix.json" not in listed
+    cells = pd.read_parquet(MlflowClient().download_artifacts(run_id, "metrics/confusion.parquet"))
+    predictions = logged_predictions(run_id)
+    expected = predictions.groupby(["label", "pred"]).size()
+    assert cells.set_index(["label", "pred"])["count"].sort_index().equals(expected.sort_index().rename("count"))
+    assert (cells["count"] > 0).all() and cells["count"].sum() == len(predictions) == 100
