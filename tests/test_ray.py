@@ -233,8 +233,14 @@ def test_ctrl_c_cancels_the_arm_tasks_and_leaves_no_run_running(two_nodes: str, 
     assert job.returncode == 130, err[-3000:]
     parent, children = _runs(server, "ray-int")
     assert parent.info.status == "KILLED"
-    assert {c.info.status for c in children.values()} == {"KILLED"}, err[-3000:]
-    assert {c.data.tags["ab.error"] for c in children.values()} == {"interrupted"}
+    # An arm whose run ended complete before the signal stays FINISHED (on an idle machine the first arm can
+    # finish before the second has started); every other arm ends KILLED "interrupted", and none stays RUNNING.
+    killed = {a: c for a, c in children.items() if c.info.status == "KILLED"}
+    assert killed, err[-3000:]
+    assert {c.data.tags["ab.error"] for c in killed.values()} == {"interrupted"}
+    for name, child in children.items():
+        if name not in killed:
+            assert child.info.status == "FINISHED" and child.data.tags.get("ab.complete") == "true", name
     for child in children.values():
         assert not Path(f"/proc/{child.data.tags['ab.pid']}").exists()
 
