@@ -147,7 +147,8 @@ def lookup(client, keys: dict[int, EvalKey]) -> tuple[dict[int, Run], str]:
     to reuse, and the note about stale runs ("" when none)."""
     experiments = runs.readable_experiment_ids(client)
     found = {i: run for i, key in keys.items() if (run := find_reusable(client, key, experiments)) is not None}
-    return found, lifecycle.stale_note(client, experiments)
+    fingerprints = {key.fingerprint for key in keys.values()}
+    return found, lifecycle.stale_note(client, experiments, next(iter(fingerprints)) if len(fingerprints) == 1 else "")
 
 
 def reuse_key_line(fine_tune: bool) -> str:

@@ -156,7 +156,7 @@ def evaluations_table(cfg: Config, fingerprint: str) -> pd.DataFrame:
     client = MlflowClient()
     experiments = runs.readable_experiment_ids(client)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablab-stale") as pool:
-        stale = pool.submit(lifecycle.stale_note, client, experiments)  # its own search, alongside ours
+        stale = pool.submit(lifecycle.stale_note, client, experiments, fingerprint)  # its own search, alongside
         found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'", experiments)
         bits = correctness.fetch(found, correctness.default_cache_dir(cfg.data_dir))
         note = stale.result()

@@ -189,8 +189,9 @@ def search_children(client, filter_string: str = "", experiment_ids: Sequence[st
     for start in range(0, len(experiment_ids), SEARCH_CHUNK):
         token = None
         while True:
-            page = client.search_runs(experiment_ids[start:start + SEARCH_CHUNK], query, max_results=1000,
-                                      order_by=["attributes.start_time DESC"], page_token=token)
+            with lifecycle.gc_paused():  # a bulk load of ORM objects (lab/lifecycle.py)
+                page = client.search_runs(experiment_ids[start:start + SEARCH_CHUNK], query, max_results=1000,
+                                          order_by=["attributes.start_time DESC"], page_token=token)
             runs += list(page)
             token = page.token
             if not token:

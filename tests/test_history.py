@@ -166,8 +166,11 @@ def test_lookup_finds_each_key_and_notes_stale_runs(tracking: str) -> None:
     missing = dataclasses.replace(key, identity="timm:resnet18:pretrained=False:classes=3")
     found, note = history.lookup(client, {0: key, 3: missing})
     assert {i: r.info.run_id for i, r in found.items()} == {0: run} and note == ""
-    log_child(client, "0", frame, status="RUNNING", **{"ab.host": "elsewhere", "ab.heartbeat": "1000"})
-    assert "1 run(s) left RUNNING" in history.lookup(client, {0: key})[1]
+    stale = {"ab.host": "elsewhere", "ab.heartbeat": "1000"}  # another machine's run whose heartbeat stopped
+    log_child(client, "0", frame, status="RUNNING", **stale, **{"ab.dataset_fingerprint": "sha256:" + "0" * 32})
+    assert history.lookup(client, {0: key})[1] == ""  # stale, but on another test set: it would not be used
+    log_child(client, "0", frame, status="RUNNING", **stale)
+    assert "1 run(s) on this test set left RUNNING" in history.lookup(client, {0: key})[1]
 
 
 def test_mark_reused_tags_the_parent_and_the_arm(tracking: str) -> None:

@@ -6,11 +6,13 @@ stale runs, arms ended by a signal, signals as Ctrl-C, and `mlflow run`'s own ru
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -54,6 +56,49 @@ def test_a_run_is_stale_when_its_process_is_gone_or_its_heartbeat_stopped() -> N
     assert not lifecycle.is_stale(fake_run(**{"ab.host": "elsewhere", "ab.pid": "1", "ab.heartbeat": fresh}))
     assert not lifecycle.is_stale(fake_run("FINISHED", **{"ab.host": here, "ab.pid": str(dead_pid())}))
     assert not lifecycle.is_stale(fake_run())  # an older ablab's run: nothing to tell by
+
+
+def test_the_collector_resumes_only_when_the_last_paused_section_in_any_thread_ends() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with lifecycle.gc_paused():
+            entered.set()
+            release.wait(10)
+
+    assert gc.isenabled()
+    thread = threading.Thread(target=other)
+    thread.start()
+    entered.wait(10)
+    with lifecycle.gc_paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's search is still loading
+    release.set()
+    thread.join()
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller that had it off finds it off
+        with lifecycle.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_stale_note_counts_the_test_sets_runs_and_says_at_least_past_its_scan(tracking: str,
+                                                                                   monkeypatch) -> None:
+    client = MlflowClient()
+    stale = {"ab.host": "elsewhere", "ab.heartbeat": "1000"}
+    frame = predictions(np.array([0, 1, 2]), np.array([True, True, False]))
+    fingerprint = "sha256:" + "cd" * 16  # not the fakes' own
+    for _ in range(3):
+        log_child(client, "0", frame, status="RUNNING", **stale, **{"ab.dataset_fingerprint": fingerprint})
+    log_child(client, "0", frame, status="RUNNING", **stale)  # on another test set
+    assert "3 run(s) on this test set left RUNNING" in lifecycle.stale_note(client, ["0"], fingerprint)
+    assert "4 run(s) left RUNNING" in lifecycle.stale_note(client, ["0"])
+    assert len(lifecycle.stale_runs(client, ["0"])) == 4
+    monkeypatch.setattr(lifecycle, "STALE_NOTE_SCAN", 2)
+    assert "at least 2 run(s) on this test set" in lifecycle.stale_note(client, ["0"], fingerprint)
 
 
 def test_predictions_are_verified_before_the_run_is_complete(tracking: str) -> None:
