@@ -51,6 +51,7 @@ class ArmContext:
     lockstep: str | None = None  # host:port of the lockstep server
     world_size: int = 1
     threads: int = 0
+    started: str = "fresh"  # or "standby": pre-started by the launcher, imports done before its job (tag)
 
 
 def create_child_run(cfg: Config, ctx: ArmContext) -> str:
@@ -141,8 +142,8 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str, box: spool.ArmSpool | Non
         torch.set_num_threads(ddp.threads_per_rank(ctx.threads, cfg.devices_per_arm))
     info = resolve_dataset(cfg)
     resolved, preprocess = _resolve(cfg, ctx, info)
-    client.log_batch(run_id, params=[_param(k, v) for k, v in flat_params(cfg).items() if k not in ("a", "b")],
-                     tags=[_tag(k, v) for k, v in {
+    client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flat_params(cfg).items() if k not in ("a", "b")],
+                     tags=[RunTag(k, v) for k, v in {
                          "ab.dataset": cfg.data, "ab.dataset_fingerprint": info.fingerprint,
                          "ab.num_classes": str(info.num_classes), "ab.label_map": info.label_map_hash,
                          "ab.n_test": str(len(info.test)), "ab.preprocess": preprocess.describe(),
@@ -150,6 +151,7 @@ def run_arm(cfg: Config, ctx: ArmContext, run_id: str, box: spool.ArmSpool | Non
                          "ab.model_source": resolved.source, "ab.arch": resolved.arch,
                          "ab.precision": cfg.precision, "ab.placement": os.environ.get("AB_PLACEMENT", ""),
                          "ab.seed": str(cfg.arm_seed(ctx.index)), "ab.deterministic": str(cfg.deterministic).lower(),
+                         "ab.arm_process": ctx.started,
                          **({"ab.pickle_loaded": "true"} if resolved.pickled else {}),
                          **training_tags(cfg, ctx.index, info),  # the reuse key of a fine-tune (lab/history.py)
                          **ddp.tags(cfg),
@@ -238,7 +240,7 @@ def log_model(cfg: Config, ctx: ArmContext, client, run_id: str, module: ArmModu
         why = "log_model=false" if cfg.epochs > 0 else "scored as it is"
         tags |= {"ablab.pretrained": str(cfg.pretrained).lower(), "ablab.weights": f"not logged ({why})"}
         model_id, fmt = lineage.link_external_model(client, run_id, ctx.experiment_id, resolved.arch, tags), "external"
-    client.log_batch(run_id, tags=[_tag("ab.logged_model", model_id), _tag("ab.logged_model_format", fmt)])
+    client.log_batch(run_id, tags=[RunTag("ab.logged_model", model_id), RunTag("ab.logged_model_format", fmt)])
     return model_id
 
 
@@ -260,14 +262,6 @@ def _lockstep(cfg: Config, ctx: ArmContext):
                     order_log=os.environ.get("AB_LOCKSTEP_ORDER_LOG") or None)
 
 
-def _param(key: str, value: str) -> Param:
-    return Param(key, value[:6000])
-
-
-def _tag(key: str, value: str) -> RunTag:
-    return RunTag(key, value)
-
-
 def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_names,
                 box: spool.ArmSpool | None = None) -> None:
     """predictions.parquet, per-class accuracy and confusion matrix as artifacts, and one batch of metrics: all
@@ -279,7 +273,7 @@ def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_n
     per_class = module.per_class_accuracy()
     now = int(time.time() * 1000)
     box.add([Metric(f"test_accuracy_class.{i}", v, now, 0) for i, v in enumerate(per_class[:200])],
-            tags=[_tag("ab.batch_size_final", str(batch_size))])
+            tags=[RunTag("ab.batch_size_final", str(batch_size))])
     predictions, extra = box.files / "predictions", box.files / "metrics"
     predictions.mkdir(exist_ok=True)
     extra.mkdir(exist_ok=True)
@@ -302,10 +296,10 @@ def standby() -> int:
     `standby`): the slow imports above are done by now; wait for this arm's command line, one JSON list on stdin.
     End of input means the job needs no arm here (bad input, a reused arm): leave without a word."""
     line = sys.stdin.readline()
-    return main(json.loads(line)) if line.strip() else 0
+    return main(json.loads(line), started="standby") if line.strip() else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: str = "fresh") -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.arm", description="Run one arm as an MLflow child run.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
@@ -322,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="lightning")
     cfg = load_config(args.config)
     ctx = ArmContext(args.index, args.parent_run_id, args.experiment_id, args.device, args.lockstep,
-                     args.world_size, args.threads)
+                     args.world_size, args.threads, started)
     if ddp.rank() > 0:  # another rank of a data-parallel arm: rank 0 owns the run
         return ddp.run_as_rank(lambda: run_rank(cfg, ctx))
     lifecycle.raise_on_signals()  # the launcher stops arms with SIGTERM: end the run KILLED, "interrupted"
@@ -378,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(1)
         return 1
-    if args.done_file:  # the run is complete: the launcher moves on while this process tears down (~2 s)
+    if args.done_file:  # the run is complete: the launcher moves on while this process exits
         Path(args.done_file).write_text(run_id)
     return 0
 
@@ -395,4 +389,7 @@ def _server_lost(cfg: Config, ctx: ArmContext, box: spool.ArmSpool, err: lifecyc
 
 
 if __name__ == "__main__":
-    sys.exit(standby() if sys.argv[1:] == ["--standby"] else main())
+    code = standby() if sys.argv[1:] == ["--standby"] else main()
+    if code == 0 and ddp.rank() == 0:  # complete and uploaded: skip seconds of teardown on the parent's cores
+        lifecycle.exit_now(code)
+    sys.exit(code)

@@ -101,9 +101,11 @@ def arm_command(cfg_path: Path, index: int, parent_run_id: str, experiment_id: s
     return cmd + (["--lockstep", lockstep] if lockstep else []) + (["--done-file", str(done_file)] if done_file else [])
 
 
-def arm_env(p: Plan, index: int) -> dict[str, str]:
-    """The environment of one arm process: this one's, without the parent's run, narrowed to its GPU."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+def arm_env(p: Plan, index: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of one arm process: this one's (or `base`), without the parent's run, narrowed to its
+    GPU."""
+    base = os.environ if base is None else base
+    env = {k: v for k, v in base.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = runs.tracking_uri()
     env["AB_PLACEMENT"] = p.placement
     lifecycle.set_http_defaults(env)  # a dead tracking server fails an arm's call in seconds, not minutes
@@ -178,8 +180,7 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
         def start(i: int) -> subprocess.Popen:
             cmd = arm_command(cfg_path, i, parent_run_id, experiment_id, p, errors[i],
                               server.address if server else None, world, dones[i])
-            env = arm_env(p, i)
-            procs[i] = _go(i, env, cmd[3:]) or subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+            procs[i] = _go(i, p, cmd[3:]) or subprocess.Popen(cmd, env=arm_env(p, i), preexec_fn=_die_with_parent)
             return procs[i]
 
         done = False
@@ -285,6 +286,10 @@ def _reap_all(grace_s: float) -> None:
 # then waits for its command line on stdin (lab/arm.py, `--standby`).
 
 _STANDBY: dict[int, tuple[subprocess.Popen, dict[str, str]]] = {}
+# The launcher's environment when the standby arms started. Importing torch and Lightning for preflight adds
+# variables of their own (KMP_INIT_AT_FORK, TORCHINDUCTOR_CACHE_DIR...) and MLflow drops one: an arm's
+# environment is derived from this copy, or no standby arm would ever match its job's.
+_STANDBY_BASE: dict[str, str] = {}
 
 
 @contextlib.contextmanager
@@ -297,9 +302,11 @@ def standby(cfg: Config, n_arms: int) -> Iterator[dict[int, subprocess.Popen]]:
         yield {}
         return
     p = plan(cfg, n_arms)  # bad input (devices, placement) raises here, before any process starts
+    _STANDBY_BASE.clear()
+    _STANDBY_BASE.update(os.environ)
     try:
         for i in range(n_arms):
-            env = arm_env(p, i)
+            env = arm_env(p, i, _STANDBY_BASE)
             # Its own session: a Ctrl-C at the terminal must not raise in its imports (a traceback); the launcher
             # stops it instead, as it stops every arm (SIGTERM: "interrupted"), and PR_SET_PDEATHSIG still holds.
             proc = subprocess.Popen([sys.executable, "-m", "lab.arm", "--standby"], env=env, stdin=subprocess.PIPE,
@@ -310,13 +317,13 @@ def standby(cfg: Config, n_arms: int) -> Iterator[dict[int, subprocess.Popen]]:
         discard_standby()
 
 
-def _go(index: int, env: dict[str, str], argv: list[str]) -> subprocess.Popen | None:
-    """Send the pre-started arm `index` its command line; None when there is none with this environment (a
-    subset of arms runs sequentially, placed differently) or it died: the caller starts a fresh one."""
+def _go(index: int, p: Plan, argv: list[str]) -> subprocess.Popen | None:
+    """Send the pre-started arm `index` its command line; None when there is none placed as `p` says (a subset
+    of arms runs sequentially, placed differently) or it died: the caller starts a fresh one."""
     proc, standby_env = _STANDBY.pop(index, (None, None))
     if proc is None:
         return None
-    if standby_env == env and proc.poll() is None:
+    if standby_env == arm_env(p, index, _STANDBY_BASE) and proc.poll() is None:
         try:
             proc.stdin.write((json.dumps(argv) + "\n").encode())
             proc.stdin.close()

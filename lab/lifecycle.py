@@ -10,6 +10,7 @@ signal, stale runs, bounded MLflow HTTP retries, and outages of the tracking ser
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import logging
@@ -279,6 +280,19 @@ def is_stale(run, now: float | None = None) -> bool:
         return not _alive(int(tags[PID_TAG]))
     beat = tags.get(HEARTBEAT_TAG, "")
     return beat.isdigit() and (now or time.time()) - int(beat) > STALE_AFTER_S
+
+
+def exit_now(code: int) -> None:
+    """End this process with `code` once its work is done: the exit handlers run (the launcher's reaping of its
+    arms, MLflow's, logging's flush), then the interpreter's teardown is skipped. Freeing every torch, Lightning
+    and MLflow object takes ~2 s of CPU per process at the end of every job, on cores other work may need."""
+    # What a normal exit runs first, in its order: join the threads that are not daemons (a thread pool's
+    # pending uploads), then the exit handlers. Both private, and the only way to run them before os._exit.
+    getattr(threading, "_shutdown", lambda: None)()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _GC_PAUSE = threading.Lock()

@@ -230,6 +230,8 @@ def finished_job(uri: str, placement: str) -> tuple[list, dict[str, pd.DataFrame
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert all(c.data.tags["ab.placement"] == placement for c in children)
+    # Each arm ran in the process the launcher pre-started (its imports done during preflight), not a fresh one.
+    assert [c.data.tags["ab.arm_process"] for c in children] == ["standby", "standby"]
     tables = {}
     for child in children:
         path = client.download_artifacts(child.info.run_id, "telemetry/batches.parquet")

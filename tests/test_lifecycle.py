@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -56,6 +57,29 @@ def test_a_run_is_stale_when_its_process_is_gone_or_its_heartbeat_stopped() -> N
     assert not lifecycle.is_stale(fake_run(**{"ab.host": "elsewhere", "ab.pid": "1", "ab.heartbeat": fresh}))
     assert not lifecycle.is_stale(fake_run("FINISHED", **{"ab.host": here, "ab.pid": str(dead_pid())}))
     assert not lifecycle.is_stale(fake_run())  # an older ablab's run: nothing to tell by
+
+
+EXITING = """
+import atexit, sys, threading, time
+from pathlib import Path
+from lab import lifecycle
+def late():
+    time.sleep(0.5)
+    Path("thread").write_text("joined")
+threading.Thread(target=late).start()  # not a daemon: a normal exit waits for it
+atexit.register(lambda: Path("atexit").write_text(Path("thread").read_text() + " then handler"))
+print("flushed", end="")
+sys.stderr.write("flushed too")
+lifecycle.exit_now(3)
+print("never")
+"""
+
+
+def test_exit_now_joins_threads_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-c", EXITING], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "flushed", "flushed too")
+    assert (tmp_path / "atexit").read_text() == "joined then handler"
 
 
 def test_the_collector_resumes_only_when_the_last_paused_section_in_any_thread_ends() -> None:
