@@ -166,15 +166,18 @@ def _lab(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_a_run_registers_its_arms_and_promotes_only_a_significant_winner(tracking: str, tmp_path: Path) -> None:
-    """register + promote_alias on digits: resnet18 beats mobilenetv3_small_100 (one epoch: about 15 points) and
-    becomes champion; an A/A of mobilenetv3_small_100 (both arms reused: no significant difference) leaves the
-    alias; `compare` of the champion and version 1 reuses the evaluations that produced them."""
+def test_a_run_registers_its_arms_and_promotes_only_a_significant_winner(job: Job, tmp_path: Path) -> None:
+    """register + promote_alias on digits, in the module job's store: resnet18 beats mobilenetv3_small_100 (one
+    epoch: about 15 points; the module job's mobilenetv3_small_100, same seed and recipe, is reused) and becomes
+    champion; an A/A of mobilenetv3_small_100 (both arms reused: no significant difference) leaves the alias;
+    `compare` of the champion and version 1 reuses the evaluations that produced them."""
     import mlflow
 
-    client, env = mlflow.MlflowClient(tracking), subprocess_env(tracking)
-    gate = ["--register", "digits-clf", "--promote_alias", "champion", "--epochs", "1", "--n_resamples", "1000"]
-    _lab(env, tmp_path, "run", "--a", "mobilenetv3_small_100", "--b", "resnet18", *gate, "--experiment", "win")
+    client, env = mlflow.MlflowClient(job.uri), job.env
+    gate = ["--register", "digits-clf", "--promote_alias", "champion", "--epochs", "1", "--seed", "7",
+            "--n_resamples", "1000"]
+    proc = _lab(env, tmp_path, "run", "--a", "mobilenetv3_small_100", "--b", "resnet18", *gate, "--experiment", "win")
+    assert proc.stderr.count("reuses the predictions of run") == 1  # arm a: the module job's arm b
     [parent] = client.search_runs([client.get_experiment_by_name("win").experiment_id], "tags.`ab.role` = 'parent'")
     tags = parent.data.tags
     assert (tags["ab.verdict"], tags["ab.registered.a"], tags["ab.registered.b"]) == (
@@ -182,8 +185,9 @@ def test_a_run_registers_its_arms_and_promotes_only_a_significant_winner(trackin
     assert (tags["ab.promotion"], tags["ab.promotion_from"], tags["ab.promotion_to"]) == ("moved", "none", "2")
     assert str(client.get_model_version_by_alias("digits-clf", "champion").version) == "2"
 
-    _lab(env, tmp_path, "run", "--a", "mobilenetv3_small_100", "--b", "mobilenetv3_small_100", *gate,
-         "--experiment", "same")
+    proc = _lab(env, tmp_path, "run", "--a", "mobilenetv3_small_100", "--b", "mobilenetv3_small_100", *gate,
+                "--experiment", "same")
+    assert proc.stderr.count("reuses the predictions of run") == 2
     [parent] = client.search_runs([client.get_experiment_by_name("same").experiment_id], "tags.`ab.role` = 'parent'")
     tags = parent.data.tags
     assert (tags["ab.verdict"], tags["ab.registered.b"]) == ("no_significant_difference", "digits-clf/1")
@@ -192,7 +196,7 @@ def test_a_run_registers_its_arms_and_promotes_only_a_significant_winner(trackin
     assert len(client.search_model_versions("name = 'digits-clf'")) == 2  # at most one version per model
 
     proc = _lab(env, tmp_path, "compare", "--a", "models:/digits-clf@champion", "--b", "models:/digits-clf/1",
-                "--experiment", "later", "--n_resamples", "1000")
+                "--experiment", "later", "--n_resamples", "1000", "--seed", "7")
     assert proc.stderr.count("reuses the predictions of run") == 2
     later = client.search_runs([client.get_experiment_by_name("later").experiment_id])
     assert [r.data.tags["ab.role"] for r in later] == ["parent"] and later[0].data.tags["ab.verdict"] == "a_better"
