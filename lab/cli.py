@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lab import compare, compare_runs, doctor, experiment, leaderboard, lifecycle, report, runs, stats
+from lab import compare_runs, doctor, experiment, leaderboard, lifecycle, report, runs, stats
 from lab.config import FIELDS, config_path, load_config
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -97,24 +97,21 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 def past_disagreement(fingerprint: str) -> tuple[float, float, str]:
     """(disagreement, median accuracy, where from): the mean share of test images on which two past evaluations
-    of different models on this dataset differ in correctness, over every pair of them."""
+    of different models on this dataset differ in correctness, over every pair of them. Reads each evaluation's
+    packed correctness bits, as `leaderboard` does, never its predictions file."""
     from mlflow import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fetched run is noise
-    client = MlflowClient()
     with runs.reading_runs():
-        found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'")
-        # One evaluation per model: a model evaluated twice agrees with itself and says nothing about disagreement.
-        found = list({r.data.tags.get("ab.model_identity", r.info.run_id): r for r in found}.values())
-        if len(found) < 2:
-            raise ValueError(f"plan: need finished evaluations of at least two models on {fingerprint} to measure "
-                             f"their disagreement; found {len(found)}")
-        arms = compare.fetch_arms(client, [r.info.run_id for r in found], [r.info.run_id[:8] for r in found])
-    compare.check_comparable(arms)
-    _, _, correct = compare.align(arms)
+        # One evaluation per model: a model evaluated twice agrees with itself and says nothing of disagreement.
+        found, bits = leaderboard.finished_evaluations(MlflowClient(), fingerprint, one_per_model=True)
+    if len(found) < 2:
+        raise ValueError(f"plan: need finished evaluations of at least two models on {fingerprint} to measure "
+                         f"their disagreement; found {len(found)}")
+    correct = np.stack([bits[r.info.run_id].correct for r in found], axis=1)
     pairs = list(itertools.combinations(range(correct.shape[1]), 2))
     share = float(np.mean([np.mean(correct[:, i] != correct[:, j]) for i, j in pairs]))
-    source = (f"{len(pairs)} pair{'' if len(pairs) == 1 else 's'} of {len(arms)} evaluated models on {fingerprint} "
+    source = (f"{len(pairs)} pair{'' if len(pairs) == 1 else 's'} of {len(found)} evaluated models on {fingerprint} "
               f"({correct.shape[0]:,} images)")
     return share, float(np.median(correct.mean(axis=0))), source
 

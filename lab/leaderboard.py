@@ -148,17 +148,35 @@ def _fingerprint_of(cfg: Config) -> str:
 
 
 def evaluations_table(cfg: Config, fingerprint: str) -> pd.DataFrame:
-    """The table of every FINISHED child run on `fingerprint`, in every experiment this user can read.
-
-    One paged search gives every run's tags and metrics; each run's correctness bits come from
-    `lab.correctness.fetch` (concurrent, cached by run id under data_dir/history), never its predictions file.
-    """
+    """The table of every FINISHED child run on `fingerprint`, in every experiment this user can read."""
     client = MlflowClient()
+    found, bits = finished_evaluations(client, fingerprint, correctness.default_cache_dir(cfg.data_dir))
+    if not found:
+        raise ValueError(f"no FINISHED ablab evaluation on dataset fingerprint {fingerprint} in any "
+                         "experiment you can read")
+    names = unique_names([r.info.run_id[:8] for r in found])
+    experiment_names = {eid: client.get_experiment(eid).name for eid in {r.info.experiment_id for r in found}}
+    columns = [describe(r.info.run_id, r.data.tags.get("ab.model") or name, r.data.tags, r.data.metrics)
+               | {"experiment": experiment_names[r.info.experiment_id], "epochs": r.data.params.get("epochs", "")}
+               for r, name in zip(found, names, strict=True)]
+    correct = np.stack([bits[r.info.run_id].correct for r in found], axis=1)
+    return rank(correct, columns, alpha=cfg.alpha, method=cfg.mcnemar_method)
+
+
+def finished_evaluations(client, fingerprint: str, cache_dir=None,
+                         one_per_model: bool = False) -> tuple[list, dict[str, correctness.Correctness]]:
+    """Every FINISHED child run on `fingerprint` (newest first; none is an answer; with `one_per_model`, the newest
+    of each model identity) and, by run id, its per-sample correctness, checked to be one test set. One paged
+    search gives every run's tags and metrics; the bits come from `lab.correctness.fetch` (concurrent, cached by
+    run id in `cache_dir`), never a predictions file."""
     experiments = runs.readable_experiment_ids(client)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablab-stale") as pool:
         stale = pool.submit(lifecycle.stale_note, client, experiments, fingerprint)  # its own search, alongside
         found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'", experiments)
-        bits = correctness.fetch(found, correctness.default_cache_dir(cfg.data_dir))
+        if one_per_model:
+            found = list({r.data.tags.get("ab.model_identity", r.info.run_id): r for r in reversed(found)}.values())
+            found.sort(key=lambda r: r.info.start_time, reverse=True)
+        bits = correctness.fetch(found, cache_dir)
         note = stale.result()
     if lost := next((r for r in found if bits[r.info.run_id] is None and lifecycle.is_complete(r)), None):
         raise ComparisonError(f"run {lost.info.run_id} has no {lifecycle.PREDICTIONS}; it is not an ablab evaluation")
@@ -166,17 +184,9 @@ def evaluations_table(cfg: Config, fingerprint: str) -> pd.DataFrame:
     found = [r for r in found if bits[r.info.run_id] is not None]
     if note:
         print(note, file=sys.stderr)
-    if not found:
-        raise ValueError(f"no FINISHED ablab evaluation on dataset fingerprint {fingerprint} in any "
-                         "experiment you can read")
-    names = unique_names([r.info.run_id[:8] for r in found])
-    _check_one_test_set(client, found, names, bits)
-    experiment_names = {eid: client.get_experiment(eid).name for eid in {r.info.experiment_id for r in found}}
-    columns = [describe(r.info.run_id, r.data.tags.get("ab.model") or name, r.data.tags, r.data.metrics)
-               | {"experiment": experiment_names[r.info.experiment_id], "epochs": r.data.params.get("epochs", "")}
-               for r, name in zip(found, names, strict=True)]
-    correct = np.stack([bits[r.info.run_id].correct for r in found], axis=1)
-    return rank(correct, columns, alpha=cfg.alpha, method=cfg.mcnemar_method)
+    if found:
+        _check_one_test_set(client, found, unique_names([r.info.run_id[:8] for r in found]), bits)
+    return found, bits
 
 
 def _check_one_test_set(client, found: list, names: list[str], bits: dict[str, correctness.Correctness]) -> None:
