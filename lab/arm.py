@@ -389,6 +389,7 @@ def _server_lost(cfg: Config, ctx: ArmContext, box: spool.ArmSpool, err: lifecyc
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imports' objects stay out of the collector's full passes over the training loop
     code = standby() if sys.argv[1:] == ["--standby"] else main()
     if code == 0 and ddp.rank() == 0:  # complete and uploaded: skip seconds of teardown on the parent's cores
         lifecycle.exit_now(code)
