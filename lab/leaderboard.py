@@ -173,9 +173,11 @@ def finished_evaluations(client, fingerprint: str, cache_dir=None,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablab-stale") as pool:
         stale = pool.submit(lifecycle.stale_note, client, experiments, fingerprint)  # its own search, alongside
         found = runs.search_children(client, f"tags.`ab.dataset_fingerprint` = '{fingerprint}'", experiments)
-        if one_per_model:
-            found = list({r.data.tags.get("ab.model_identity", r.info.run_id): r for r in reversed(found)}.values())
-            found.sort(key=lambda r: r.info.start_time, reverse=True)
+        if one_per_model:  # `found` is newest first: the first run of each identity is its newest
+            newest: dict[str, object] = {}
+            for r in found:
+                newest.setdefault(r.data.tags.get("ab.model_identity", r.info.run_id), r)
+            found = list(newest.values())
         bits = correctness.fetch(found, cache_dir)
         note = stale.result()
     if lost := next((r for r in found if bits[r.info.run_id] is None and lifecycle.is_complete(r)), None):
