@@ -14,7 +14,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from callbacks.gpu_telemetry import GPUTelemetry
 from callbacks.lockstep import Lockstep
-from lab import correctness, ddp, lifecycle, lineage, runs, spool
+from lab import correctness, ddp, lifecycle, lineage, runs, spool, zygote
 from lab.config import Config, flat_params, load_config
 from lab.data import ABDataModule, DatasetInfo, Preprocess, resolve_dataset, train_fingerprint, training_tags
 from lab.models import ArmModule, ResolvedModel, model_spec, preprocess_for, resolve_model, save_model_dir
@@ -51,7 +50,7 @@ class ArmContext:
     lockstep: str | None = None  # host:port of the lockstep server
     world_size: int = 1
     threads: int = 0
-    started: str = "fresh"  # or "standby": pre-started by the launcher, imports done before its job (tag)
+    started: str = "fresh"  # or "forked": from the launcher's fork server, imports done before its job (tag)
 
 
 def create_child_run(cfg: Config, ctx: ArmContext) -> str:
@@ -291,14 +290,6 @@ def log_results(client, run_id: str, module: ArmModule, batch_size: int, class_n
     box.upload(client)
 
 
-def standby() -> int:
-    """`python -m lab.arm --standby`, started by the launcher before the parent run exists (lab/launch.py,
-    `standby`): the slow imports above are done by now; wait for this arm's command line, one JSON list on stdin.
-    End of input means the job needs no arm here (bad input, a reused arm): leave without a word."""
-    line = sys.stdin.readline()
-    return main(json.loads(line), started="standby") if line.strip() else 0
-
-
 def main(argv: list[str] | None = None, started: str = "fresh") -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.arm", description="Run one arm as an MLflow child run.")
     parser.add_argument("--config", required=True)
@@ -390,7 +381,9 @@ def _server_lost(cfg: Config, ctx: ArmContext, box: spool.ArmSpool, err: lifecyc
 
 if __name__ == "__main__":
     gc.freeze()  # the imports' objects stay out of the collector's full passes over the training loop
-    code = standby() if sys.argv[1:] == ["--standby"] else main()
+    if sys.argv[1:3] == ["--standby", "--report-fd"]:  # the fork server of lab/launch.py's `standby`
+        lifecycle.exit_now(zygote.serve(lambda argv: main(argv, started="forked"), int(sys.argv[3])))
+    code = main()
     if code == 0 and ddp.rank() == 0:  # complete and uploaded: skip seconds of teardown on the parent's cores
         lifecycle.exit_now(code)
     sys.exit(code)

@@ -14,11 +14,9 @@ other machines; a cluster on this machine already has the code on disk.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -157,12 +155,6 @@ def driver_env() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the arm process, before exec: SIGKILL when the Ray worker dies, so that no arm outlives its task."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 def arm_task(index: int, argv: list[str], config_yaml: str, env: dict[str, str], cwd: str | None) -> dict:
     """Runs on a Ray worker: the arm process with the config written here; its exit code, error line, and
     where it ran. A cancelled task (Ctrl-C on the driver) stops the arm with SIGTERM: it ends its run KILLED."""
@@ -180,7 +172,7 @@ def arm_task(index: int, argv: list[str], config_yaml: str, env: dict[str, str],
         # ROOT as this module was imported on the worker: its own copy of the code (a working_dir, or on disk).
         proc_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), proc_env.get("PYTHONPATH")]))
         proc = subprocess.Popen(cmd, env=proc_env, cwd=cwd if cwd and os.path.isdir(cwd) else None,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=lifecycle.die_with_parent)
         try:
             code = proc.wait()
         except BaseException:

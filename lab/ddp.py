@@ -12,10 +12,8 @@ DistributedSampler's padding, so every sample is scored once, in the very batch 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -84,12 +82,6 @@ def threads_per_rank(threads: int, world: int) -> int:
     return max(1, threads // world) if threads else 0
 
 
-def _die_with_parent() -> None:
-    """In a rank > 0, before exec: on Linux, get SIGKILL when rank 0 dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 class Ranks:
     """Ranks 1..N-1 of one arm, started and watched by rank 0.
 
@@ -107,7 +99,7 @@ class Ranks:
         if threads:  # Lightning sets OMP_NUM_THREADS (and torch's threads) to cores // N unless it is set
             common["OMP_NUM_THREADS"] = str(threads)
         os.environ.update(common | {"LOCAL_RANK": "0", RANK_ENV: "0"})  # rank 0: Lightning launches nothing
-        self.procs = [subprocess.Popen([sys.executable, "-m", "lab.arm", *argv], preexec_fn=_die_with_parent,
+        self.procs = [subprocess.Popen([sys.executable, "-m", "lab.arm", *argv], preexec_fn=lifecycle.die_with_parent,
                                        env={**os.environ, "LOCAL_RANK": str(r), RANK_ENV: str(r)})
                       for r in range(1, world)]
         self.lock = threading.Lock()

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +29,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from lab import lifecycle, runs
+from lab import lifecycle, runs, zygote
 from lab.config import Config
 
 
@@ -116,12 +113,6 @@ def arm_env(p: Plan, index: int, base: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGKILL when the launcher dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 def _stop(procs, grace_s: float = 10.0, complete: Sequence[subprocess.Popen] = ()) -> None:
     """SIGTERM, then SIGKILL after `grace_s`; an arm whose run is `complete` (only tearing down) gets SIGKILL at
     once: it has nothing left to save, and a SIGTERM would interrupt its interpreter's exit noisily."""
@@ -180,7 +171,8 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
         def start(i: int) -> subprocess.Popen:
             cmd = arm_command(cfg_path, i, parent_run_id, experiment_id, p, errors[i],
                               server.address if server else None, world, dones[i])
-            procs[i] = _go(i, p, cmd[3:]) or subprocess.Popen(cmd, env=arm_env(p, i), preexec_fn=_die_with_parent)
+            procs[i] = _go(i, p, cmd[3:]) or subprocess.Popen(cmd, env=arm_env(p, i),
+                                                              preexec_fn=lifecycle.die_with_parent)
             return procs[i]
 
         done = False
@@ -282,67 +274,52 @@ def _reap_all(grace_s: float) -> None:
 
 # ------------------------------------------------------------------------------------------- standby arms
 # An arm process spends seconds importing torch, Lightning, timm and MLflow before its first batch. `standby`
-# starts the arms before preflight and the parent run, so those imports overlap the launcher's own work; each
-# then waits for its command line on stdin (lab/arm.py, `--standby`).
+# starts a fork server (lab/zygote.py) before preflight and the parent run, so those imports overlap the
+# launcher's own work and are done once for every arm: each arm is then forked from it.
 
-_STANDBY: dict[int, tuple[subprocess.Popen, dict[str, str]]] = {}
-# The launcher's environment when the standby arms started. Importing torch and Lightning for preflight adds
-# variables of their own (KMP_INIT_AT_FORK, TORCHINDUCTOR_CACHE_DIR...) and MLflow drops one: an arm's
-# environment is derived from this copy, or no standby arm would ever match its job's.
+_ZYGOTE: list[zygote.Zygote] = []
+# The launcher's environment when the server started. Importing torch and Lightning for preflight adds variables
+# of their own (KMP_INIT_AT_FORK, TORCHINDUCTOR_CACHE_DIR...) and MLflow drops one: an arm's environment is
+# derived from this copy, or no arm's would ever match the server's.
 _STANDBY_BASE: dict[str, str] = {}
 
 
 @contextlib.contextmanager
-def standby(cfg: Config, n_arms: int) -> Iterator[dict[int, subprocess.Popen]]:
-    """Pre-start one arm process per arm, placed as `plan` will place them; `run_arms` hands each its command
-    line. Those not used by the end of the block (bad input, reused arms, a failed parent) are killed at once:
-    they hold no run and print nothing. Not for Ray (the cluster runs the arms) or AB_NO_STANDBY=1. Yields the
-    processes started, by arm index."""
-    if cfg.placement == "ray" or os.environ.get("AB_NO_STANDBY") == "1":
-        yield {}
+def standby(cfg: Config, n_arms: int) -> Iterator[zygote.Zygote | None]:
+    """Start the fork server that `run_arms` forks the arms from, placed as `plan` will place them. At the end of
+    the block it is told that no arm follows (it exits once its arms have), or killed at once where it forked
+    none (bad input, reused arms, a failed parent): it holds no run and prints nothing. Not for Ray (the cluster
+    runs the arms), off Linux, or with AB_NO_STANDBY=1. Yields the server, or None."""
+    if cfg.placement == "ray" or os.environ.get("AB_NO_STANDBY") == "1" or not zygote.available():
+        yield None
         return
     p = plan(cfg, n_arms)  # bad input (devices, placement) raises here, before any process starts
     _STANDBY_BASE.clear()
     _STANDBY_BASE.update(os.environ)
+    _ZYGOTE[:] = [zygote.Zygote.start(arm_env(p, 0, _STANDBY_BASE))]
     try:
-        for i in range(n_arms):
-            env = arm_env(p, i, _STANDBY_BASE)
-            # Its own session: a Ctrl-C at the terminal must not raise in its imports (a traceback); the launcher
-            # stops it instead, as it stops every arm (SIGTERM: "interrupted"), and PR_SET_PDEATHSIG still holds.
-            proc = subprocess.Popen([sys.executable, "-m", "lab.arm", "--standby"], env=env, stdin=subprocess.PIPE,
-                                    preexec_fn=_die_with_parent, start_new_session=True)
-            _STANDBY[i] = (proc, env)
-        yield {i: proc for i, (proc, _) in _STANDBY.items()}
+        yield _ZYGOTE[0]
     finally:
         discard_standby()
 
 
-def _go(index: int, p: Plan, argv: list[str]) -> subprocess.Popen | None:
-    """Send the pre-started arm `index` its command line; None when there is none placed as `p` says (a subset
-    of arms runs sequentially, placed differently) or it died: the caller starts a fresh one."""
-    proc, standby_env = _STANDBY.pop(index, (None, None))
-    if proc is None:
+def _go(index: int, p: Plan, argv: list[str]) -> subprocess.Popen | zygote.Forked | None:
+    """Fork arm `index` with its command line from the server; None when there is none, or it cannot serve this
+    arm's environment (a subset of arms runs sequentially, placed differently), or it died: the caller starts a
+    fresh process."""
+    env = arm_env(p, index, _STANDBY_BASE)
+    if not _ZYGOTE or not zygote.forkable(_ZYGOTE[0].env, env):
         return None
-    if standby_env == arm_env(p, index, _STANDBY_BASE) and proc.poll() is None:
-        try:
-            proc.stdin.write((json.dumps(argv) + "\n").encode())
-            proc.stdin.close()
-            return proc
-        except OSError:  # it died meanwhile
-            pass
-    _kill(proc)
-    return None
+    return _ZYGOTE[0].fork(argv, env)
 
 
 def discard_standby() -> None:
-    """Kill the pre-started arms nobody needed (SIGKILL: they are only importing or waiting, no run, no output)."""
-    while _STANDBY:
-        _kill(_STANDBY.popitem()[1][0])
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    proc.kill()
-    proc.wait()
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
+    """No arm follows: a server that forked some exits once they have (reaped in the background, like them);
+    one that forked none is killed now (it is only importing or waiting: no run, no output)."""
+    while _ZYGOTE:
+        server = _ZYGOTE.pop()
+        if server.forked:
+            server.close()
+            reap_in_background([server.proc])
+        else:
+            server.kill()

@@ -11,6 +11,7 @@ signal, stale runs, bounded MLflow HTTP retries, and outages of the tracking ser
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import gc
 import logging
@@ -280,6 +281,13 @@ def is_stale(run, now: float | None = None) -> bool:
         return not _alive(int(tags[PID_TAG]))
     beat = tags.get(HEARTBEAT_TAG, "")
     return beat.isdigit() and (now or time.time()) - int(beat) > STALE_AFTER_S
+
+
+def die_with_parent() -> None:
+    """In a child process (a `preexec_fn`, or just after a fork): get SIGKILL when its parent dies, however it
+    dies (Linux), so that no arm or rank outlives the process that started it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def exit_now(code: int) -> None:

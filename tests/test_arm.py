@@ -282,20 +282,6 @@ def test_a_model_that_torch_export_cannot_trace_is_logged_as_safetensors_and_say
     assert files == {"model.safetensors", "extra_files"}
 
 
-def test_a_standby_arm_runs_the_command_line_it_is_sent_and_leaves_quietly_without_one(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """`python -m lab.arm --standby` (pre-started by the launcher): one JSON list on stdin is its argv."""
-    import io
-
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    assert arm.standby() == 0  # the job needed no arm here
-    assert capsys.readouterr() == ("", "")
-    monkeypatch.setattr("sys.stdin", io.StringIO('["--help"]\n'))
-    with pytest.raises(SystemExit) as exit_:
-        arm.standby()
-    assert exit_.value.code == 0 and "--parent-run-id" in capsys.readouterr().out
-
-
 def test_past_50_classes_the_confusion_matrix_is_sparse_parquet(tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dense k x k JSON grows as k squared (4 MB at 1,000 classes): past 50 classes the arm logs the non-zero
     cells, which must add up to the same counts as the predictions."""

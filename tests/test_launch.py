@@ -171,17 +171,15 @@ def test_an_arm_whose_run_is_complete_frees_the_launcher_and_is_reaped_behind_it
     assert all(_reaped(pid, timeout_s=60) for pid in pids)  # then waited for in the background: no zombie
 
 
-@pytest.mark.slow  # starts two real arm processes, killed while they import
-def test_unused_standby_arms_die_with_the_block_and_say_nothing(capfd: pytest.CaptureFixture) -> None:
+def test_an_unused_fork_server_dies_with_the_block_and_says_nothing(capfd: pytest.CaptureFixture) -> None:
     two = cfg(placement="parallel", devices="cpu")
-    with pytest.raises(ValueError, match="bad input"), launch.standby(two, 2) as waiting:
-        assert sorted(waiting) == [0, 1] and all(proc.poll() is None for proc in waiting.values())
-        assert all(proc.args[-1] == "--standby" for proc in waiting.values())
+    with pytest.raises(ValueError, match="bad input"), launch.standby(two, 2) as server:
+        assert server.proc.poll() is None and server.proc.args[-3:-1] == ["--standby", "--report-fd"]
         raise ValueError("bad input")  # what preflight raises for a bad model name: no run, no arm needed
-    assert [proc.returncode for proc in waiting.values()] == [-signal.SIGKILL] * 2  # killed and reaped
-    assert capfd.readouterr() == ("", "")  # nothing from them on the launcher's terminal
-    with launch.standby(cfg(placement="ray"), 2) as waiting:
-        assert waiting == {}  # the cluster starts Ray's arms
+    assert server.proc.returncode == -signal.SIGKILL  # killed while importing, and reaped
+    assert capfd.readouterr() == ("", "")  # nothing from it on the launcher's terminal
+    with launch.standby(cfg(placement="ray"), 2) as server:
+        assert server is None  # the cluster starts Ray's arms
 
 
 # ---- whole jobs, one per placement -------------------------------------------------------------------
@@ -230,8 +228,8 @@ def finished_job(uri: str, placement: str) -> tuple[list, dict[str, pd.DataFrame
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert all(c.data.tags["ab.placement"] == placement for c in children)
-    # Each arm ran in the process the launcher pre-started (its imports done during preflight), not a fresh one.
-    assert [c.data.tags["ab.arm_process"] for c in children] == ["standby", "standby"]
+    # Each arm was forked from the server the launcher started (its imports done once, during preflight).
+    assert [c.data.tags["ab.arm_process"] for c in children] == ["forked", "forked"]
     tables = {}
     for child in children:
         path = client.download_artifacts(child.info.run_id, "telemetry/batches.parquet")

@@ -1,0 +1,234 @@
+"""A fork server for arm processes (Linux): one interpreter imports torch, Lightning, timm and MLflow once, while
+the launcher runs preflight, then forks one process per arm. Two arms used to import the same ~5,400 modules
+twice, 6.5 CPU s each, on the cores the job needs.
+
+    z = Zygote.start(env)                     # launcher: `python -m lab.arm --standby --report-fd N`
+    proc = z.fork(argv, env)                  # one arm; a Popen-like handle (poll, wait, terminate, kill)
+    z.close()                                 # no more arms: it exits once its arms have
+
+The server answers each fork with the child's pid and reports each child's exit code (Popen's convention,
+-N for signal N) on a pipe of its own: the arms' stdout and stderr stay the terminal's. Signals for an arm go
+through the server, which holds a pidfd for each child until it has reaped it, so a recycled pid is never hit.
+A forked arm dies with the server (PR_SET_PDEATHSIG), and the server with the launcher.
+Where CUDA's driver is already loaded in the server (a library touched the GPU while importing), forking would
+hand the arm a driver it cannot use: the child then execs a fresh `python -m lab.arm` under the same pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lab import lifecycle
+
+# Variables a forked arm may differ in from the server: read after the fork (CUDA when it starts; the arm's
+# placement tag when it creates its run), not while importing.
+LATE_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "AB_PLACEMENT"})
+EXEC_ENV = "AB_ZYGOTE_EXEC"  # "1": every arm execs a fresh interpreter after the fork (what a loaded driver forces)
+
+
+def available() -> bool:
+    """Forking arms needs Linux (PR_SET_PDEATHSIG and pidfds); elsewhere each arm is a fresh interpreter."""
+    return sys.platform.startswith("linux") and hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+
+def forkable(server_env: dict[str, str], env: dict[str, str]) -> bool:
+    """Whether an arm that needs `env` may be forked from a server started with `server_env`: libraries read some
+    variables when they are imported, so only those read later may differ."""
+    keys = server_env.keys() | env.keys()
+    return all(server_env.get(k) == env.get(k) for k in keys - LATE_ENV)
+
+
+class Forked:
+    """One forked arm, as the launcher sees it: the part of `subprocess.Popen` that lab/launch.py uses."""
+
+    def __init__(self, zygote: Zygote, pid: int, argv: Sequence[str]):
+        self.zygote, self.pid, self.args = zygote, pid, ["lab.arm (forked)", *argv]
+        self.returncode: int | None = None
+        self.stdin = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self.zygote.changed:
+            if not self.zygote.changed.wait_for(lambda: self.returncode is not None, timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self.zygote.signal(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """The launcher's side of the fork server."""
+
+    def __init__(self, proc: subprocess.Popen, report: int, env: dict[str, str]):
+        self.proc, self.env = proc, env
+        self.changed = threading.Condition()
+        self.forked: dict[int, Forked] = {}
+        self._pids: list[int] = []  # fork answers not yet taken
+        self._gone = False  # the server's report pipe ended: it exited (or was killed), and its arms with it
+        self._reader = threading.Thread(target=self._read, args=(report,), name="ablab-zygote", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, env: dict[str, str], command: Sequence[str] = ("-m", "lab.arm", "--standby")) -> Zygote:
+        """Start the server (`command` ends in a call to `serve`, given `--report-fd N`); it imports while the
+        launcher goes on. Its own session: a Ctrl-C at the terminal reaches only the launcher, which stops the
+        arms itself."""
+        read, write = os.pipe()
+        try:
+            proc = subprocess.Popen([sys.executable, *command, "--report-fd", str(write)], env=env,
+                                    stdin=subprocess.PIPE, pass_fds=(write,), preexec_fn=lifecycle.die_with_parent,
+                                    start_new_session=True)
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        return cls(proc, read, env)
+
+    def fork(self, argv: Sequence[str], env: dict[str, str]) -> Forked | None:
+        """Start one arm with `argv` and `env`; None when the server is gone (the caller starts a fresh one)."""
+        if not self._send({"argv": list(argv), "env": env}):
+            return None
+        with self.changed:  # answered once the server's imports are done
+            self.changed.wait_for(lambda: self._pids or self._gone)
+            if not self._pids:
+                return None
+            proc = Forked(self, self._pids.pop(0), argv)
+            self.forked[proc.pid] = proc
+            return proc
+
+    def signal(self, pid: int, sig: int) -> None:
+        if not self._send({"signal": pid, "sig": int(sig)}):
+            self.kill()  # no channel left: only stopping the server stops its arms (they die with it)
+
+    def close(self) -> None:
+        """No more arms: the server exits once those it forked have."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+
+    def kill(self) -> None:
+        """Stop the server now; the arms it forked die with it."""
+        self.close()
+        self.proc.kill()
+        self.proc.wait()
+
+    def _send(self, message: dict) -> bool:
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
+            self.proc.stdin.flush()
+            return True
+        except (OSError, ValueError):  # it died, or the launcher already closed the channel
+            return False
+
+    def _read(self, report: int) -> None:
+        with open(report, "rb") as stream:
+            for line in stream:
+                message = json.loads(line)
+                with self.changed:
+                    if "pid" in message:
+                        self._pids.append(message["pid"])
+                    elif (proc := self.forked.get(message["exit"])) is not None:
+                        proc.returncode = message["code"]
+                    self.changed.notify_all()
+        self.proc.wait()
+        with self.changed:
+            self._gone = True
+            for proc in self.forked.values():  # killed along with the server
+                if proc.returncode is None:
+                    proc.returncode = -signal.SIGKILL
+            self.changed.notify_all()
+
+
+# ----------------------------------------------------------------------------------------- the server's side
+
+def serve(run: Callable[[list[str]], int], report_fd: int) -> int:
+    """The server's loop, after the imports: fork an arm per command on stdin, signal one on request, report
+    each exit; return once stdin has ended and every arm has been reaped."""
+    report = os.fdopen(report_fd, "w", buffering=1)
+    exec_instead = os.environ.get(EXEC_ENV) == "1" or cuda_driver_loaded()
+    children: dict[int, int] = {}  # pidfd -> pid
+    pidfds: dict[int, int] = {}  # pid -> pidfd
+    stdin, pending, open_ = sys.stdin.fileno(), b"", True
+    while open_ or children:
+        ready, _, _ = select.select(([stdin] if open_ else []) + list(children), [], [])
+        for fd in ready:
+            if fd != stdin:  # an arm exited
+                pid = children.pop(fd)
+                del pidfds[pid]
+                os.close(fd)
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                report.write(json.dumps({"exit": pid, "code": code}) + "\n")
+                continue
+            chunk = os.read(stdin, 1 << 16)
+            open_ = bool(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in filter(None, lines):
+                message = json.loads(line)
+                if "signal" in message:
+                    if message["signal"] in pidfds:
+                        with contextlib.suppress(ProcessLookupError):
+                            signal.pidfd_send_signal(pidfds[message["signal"]], message["sig"])
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    _child(run, message, report_fd, exec_instead)
+                pidfds[pid] = os.pidfd_open(pid)
+                children[pidfds[pid]] = pid
+                report.write(json.dumps({"pid": pid}) + "\n")
+    return 0
+
+
+def _child(run: Callable[[list[str]], int], job: dict, report_fd: int, exec_instead: bool) -> None:
+    """The forked arm: detach from the server's channels, take the arm's environment, run, and never return into
+    the server's loop."""
+    code = 1
+    try:
+        parent = os.getppid()
+        os.close(report_fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the server's command pipe stays the server's
+        os.close(null)
+        lifecycle.die_with_parent()
+        if os.getppid() != parent:  # the server died before PR_SET_PDEATHSIG took
+            os._exit(1)
+        os.environ.clear()
+        os.environ.update(job["env"])
+        argv = job["argv"]
+        sys.argv = [sys.argv[0], *argv]
+        if exec_instead:
+            os.execv(sys.executable, [sys.executable, "-m", "lab.arm", *argv])
+        code = run(argv)
+    except SystemExit as err:  # argparse (--help, a bad flag)
+        code = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
+    except BaseException:  # AB_DEBUG=1: the arm re-raises; show it as an arm process would
+        traceback.print_exc()
+    finally:
+        lifecycle.exit_now(code)
+
+
+def cuda_driver_loaded() -> bool:
+    """Whether CUDA's driver library is mapped into this process: after a fork it cannot be used."""
+    try:
+        return "libcuda.so" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return True
