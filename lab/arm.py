@@ -36,6 +36,11 @@ from lab.data import ABDataModule, DatasetInfo, Preprocess, resolve_dataset, tra
 from lab.models import ArmModule, ResolvedModel, model_spec, preprocess_for, resolve_model, save_model_dir
 
 OOM_MIN_BATCH = 1
+# What an arm's run imports on first use (the SQL tracking store, sklearn's datasets, git for the run's source
+# tags, what MLflow's model logging and torch.export load): the fork server imports them once, not every arm
+# (~1.2 CPU s each). Not `mlflow.pytorch` itself: importing it adds a handler to the root logger.
+LATE_IMPORTS = ("mlflow.store.tracking.sqlalchemy_store", "sklearn.datasets", "git", "pytorch_lightning",
+                "mlflow.pyfunc", "torch.export._trace", "mlflow.tracing.processor.otel")
 DENSE_CONFUSION_MAX = 50  # classes up to which the arm's confusion matrix is dense JSON (else sparse Parquet)
 
 
@@ -382,7 +387,7 @@ def _server_lost(cfg: Config, ctx: ArmContext, box: spool.ArmSpool, err: lifecyc
 if __name__ == "__main__":
     gc.freeze()  # the imports' objects stay out of the collector's full passes over the training loop
     if sys.argv[1:3] == ["--standby", "--report-fd"]:  # the fork server of lab/launch.py's `standby`
-        lifecycle.exit_now(zygote.serve(lambda argv: main(argv, started="forked"), int(sys.argv[3])))
+        lifecycle.exit_now(zygote.serve(lambda argv: main(argv, started="forked"), int(sys.argv[3]), LATE_IMPORTS))
     code = main()
     if code == 0 and ddp.rank() == 0:  # complete and uploaded: skip seconds of teardown on the parent's cores
         lifecycle.exit_now(code)

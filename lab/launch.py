@@ -106,8 +106,7 @@ def arm_env(p: Plan, index: int, base: dict[str, str] | None = None) -> dict[str
     env["MLFLOW_TRACKING_URI"] = runs.tracking_uri()
     env["AB_PLACEMENT"] = p.placement
     lifecycle.set_http_defaults(env)  # a dead tracking server fails an arm's call in seconds, not minutes
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                      env.get("PYTHONPATH")]))
+    env = zygote.with_project_path(env)
     if p.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = p.gpus[index] if p.placement == "parallel" else p.gpus[0]
     return env
@@ -278,25 +277,30 @@ def _reap_all(grace_s: float) -> None:
 # launcher's own work and are done once for every arm: each arm is then forked from it.
 
 _ZYGOTE: list[zygote.Zygote] = []
-# The launcher's environment when the server started. Importing torch and Lightning for preflight adds variables
-# of their own (KMP_INIT_AT_FORK, TORCHINDUCTOR_CACHE_DIR...) and MLflow drops one: an arm's environment is
-# derived from this copy, or no arm's would ever match the server's.
-_STANDBY_BASE: dict[str, str] = {}
 
 
 @contextlib.contextmanager
 def standby(cfg: Config, n_arms: int) -> Iterator[zygote.Zygote | None]:
-    """Start the fork server that `run_arms` forks the arms from, placed as `plan` will place them. At the end of
-    the block it is told that no arm follows (it exits once its arms have), or killed at once where it forked
-    none (bad input, reused arms, a failed parent): it holds no run and prints nothing. Not for Ray (the cluster
-    runs the arms), off Linux, or with AB_NO_STANDBY=1. Yields the server, or None."""
+    """The fork server that `run_arms` forks the arms from: the one `python -m lab run` started first thing
+    (zygote.prestart), else one started now. At the end of the block it is told that no arm follows (it exits
+    once its arms have), or killed at once where it forked none (bad input, reused arms, a failed parent): it
+    holds no run and prints nothing. Not for Ray (the cluster runs the arms), off Linux, or with AB_NO_STANDBY=1.
+    Yields the server, or None."""
+    early = zygote.take_prestarted()
     if cfg.placement == "ray" or os.environ.get("AB_NO_STANDBY") == "1" or not zygote.available():
+        if early is not None:
+            early.kill()
         yield None
         return
-    p = plan(cfg, n_arms)  # bad input (devices, placement) raises here, before any process starts
-    _STANDBY_BASE.clear()
-    _STANDBY_BASE.update(os.environ)
-    _ZYGOTE[:] = [zygote.Zygote.start(arm_env(p, 0, _STANDBY_BASE))]
+    try:
+        plan(cfg, n_arms)  # bad input (devices, placement) raises here, before any arm is forked
+    except BaseException:
+        if early is not None:
+            early.kill()
+        raise
+    # The arms' environment is derived from the one the server started from: importing torch and Lightning for
+    # preflight adds variables of their own (KMP_INIT_AT_FORK, TORCHINDUCTOR_CACHE_DIR...) and MLflow drops one.
+    _ZYGOTE[:] = [early or zygote.Zygote.start(os.environ)]
     try:
         yield _ZYGOTE[0]
     finally:
@@ -307,8 +311,10 @@ def _go(index: int, p: Plan, argv: list[str]) -> subprocess.Popen | zygote.Forke
     """Fork arm `index` with its command line from the server; None when there is none, or it cannot serve this
     arm's environment (a subset of arms runs sequentially, placed differently), or it died: the caller starts a
     fresh process."""
-    env = arm_env(p, index, _STANDBY_BASE)
-    if not _ZYGOTE or not zygote.forkable(_ZYGOTE[0].env, env):
+    if not _ZYGOTE:
+        return None
+    env = arm_env(p, index, _ZYGOTE[0].base)
+    if not zygote.forkable(_ZYGOTE[0].env, env):
         return None
     return _ZYGOTE[0].fork(argv, env)
 

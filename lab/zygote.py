@@ -2,7 +2,7 @@
 the launcher runs preflight, then forks one process per arm. Two arms used to import the same ~5,400 modules
 twice, 6.5 CPU s each, on the cores the job needs.
 
-    z = Zygote.start(env)                     # launcher: `python -m lab.arm --standby --report-fd N`
+    z = Zygote.start(os.environ)              # launcher: `python -m lab.arm --standby --report-fd N`
     proc = z.fork(argv, env)                  # one arm; a Popen-like handle (poll, wait, terminate, kill)
     z.close()                                 # no more arms: it exits once its arms have
 
@@ -17,6 +17,7 @@ hand the arm a driver it cannot use: the child then execs a fresh `python -m lab
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import select
@@ -25,20 +26,42 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from lab import lifecycle
 
-# Variables a forked arm may differ in from the server: read after the fork (CUDA when it starts; the arm's
-# placement tag when it creates its run), not while importing.
-LATE_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "AB_PLACEMENT"})
+# Variables a forked arm may differ in from the server: read after the fork (CUDA when it starts, MLflow's when
+# it calls, the arm's placement tag when it creates its run), not while importing.
+LATE_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "AB_PLACEMENT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
+                      "MLFLOW_EXPERIMENT_ID", *lifecycle.HTTP_ENV})
+PROJECT = Path(__file__).resolve().parent.parent  # on the arms' PYTHONPATH, wherever the job was started
 EXEC_ENV = "AB_ZYGOTE_EXEC"  # "1": every arm execs a fresh interpreter after the fork (what a loaded driver forces)
 
 
 def available() -> bool:
     """Forking arms needs Linux (PR_SET_PDEATHSIG and pidfds); elsewhere each arm is a fresh interpreter."""
     return sys.platform.startswith("linux") and hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+
+def with_project_path(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the project first on PYTHONPATH: `python -m lab.arm` imports from it, wherever it runs."""
+    return dict(env) | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))}
+
+
+_EARLY: list[Zygote] = []
+
+
+def prestart() -> None:
+    """`python -m lab run`, first thing: start the server before the launcher's own imports (~2 s) and config,
+    so that its imports (the job's critical path) start at once. `take_prestarted` hands it to lab/launch.py;
+    unused, it dies with the launcher."""
+    if available() and os.environ.get("AB_NO_STANDBY") != "1":
+        _EARLY.append(Zygote.start(os.environ))
+
+
+def take_prestarted() -> Zygote | None:
+    return _EARLY.pop() if _EARLY else None
 
 
 def forkable(server_env: dict[str, str], env: dict[str, str]) -> bool:
@@ -79,8 +102,8 @@ class Forked:
 class Zygote:
     """The launcher's side of the fork server."""
 
-    def __init__(self, proc: subprocess.Popen, report: int, env: dict[str, str]):
-        self.proc, self.env = proc, env
+    def __init__(self, proc: subprocess.Popen, report: int, base: dict[str, str], env: dict[str, str]):
+        self.proc, self.base, self.env = proc, base, env  # the environment it was started from, and its own
         self.changed = threading.Condition()
         self.forked: dict[int, Forked] = {}
         self._pids: list[int] = []  # fork answers not yet taken
@@ -89,10 +112,12 @@ class Zygote:
         self._reader.start()
 
     @classmethod
-    def start(cls, env: dict[str, str], command: Sequence[str] = ("-m", "lab.arm", "--standby")) -> Zygote:
-        """Start the server (`command` ends in a call to `serve`, given `--report-fd N`); it imports while the
-        launcher goes on. Its own session: a Ctrl-C at the terminal reaches only the launcher, which stops the
-        arms itself."""
+    def start(cls, base: Mapping[str, str], command: Sequence[str] = ("-m", "lab.arm", "--standby")) -> Zygote:
+        """Start the server from environment `base` (`command` ends in a call to `serve`, given `--report-fd N`);
+        it imports while the launcher goes on. Its own session: a Ctrl-C at the terminal reaches only the
+        launcher, which stops the arms itself."""
+        base = dict(base)  # a copy: importing torch and Lightning later adds variables to the launcher's own
+        env = with_project_path(base)
         read, write = os.pipe()
         try:
             proc = subprocess.Popen([sys.executable, *command, "--report-fd", str(write)], env=env,
@@ -103,7 +128,7 @@ class Zygote:
             raise
         finally:
             os.close(write)
-        return cls(proc, read, env)
+        return cls(proc, read, base, env)
 
     def fork(self, argv: Sequence[str], env: dict[str, str]) -> Forked | None:
         """Start one arm with `argv` and `env`; None when the server is gone (the caller starts a fresh one)."""
@@ -161,9 +186,13 @@ class Zygote:
 
 # ----------------------------------------------------------------------------------------- the server's side
 
-def serve(run: Callable[[list[str]], int], report_fd: int) -> int:
-    """The server's loop, after the imports: fork an arm per command on stdin, signal one on request, report
-    each exit; return once stdin has ended and every arm has been reaped."""
+def serve(run: Callable[[list[str]], int], report_fd: int, warm: Sequence[str] = ()) -> int:
+    """The server's loop, after the imports (and those of the modules named in `warm`, which the arms would
+    import on first use): fork an arm per command on stdin, signal one on request, report each exit; return
+    once stdin has ended and every arm has been reaped."""
+    for name in warm:
+        with contextlib.suppress(ImportError):  # an optional part missing here is the arm's to report
+            importlib.import_module(name)
     report = os.fdopen(report_fd, "w", buffering=1)
     exec_instead = os.environ.get(EXEC_ENV) == "1" or cuda_driver_loaded()
     children: dict[int, int] = {}  # pidfd -> pid
