@@ -52,12 +52,14 @@ def with_project_path(env: Mapping[str, str]) -> dict[str, str]:
 _EARLY: list[Zygote] = []
 
 
-def prestart() -> None:
+def prestart() -> Zygote | None:
     """`python -m lab run`, first thing: start the server before the launcher's own imports (~2 s) and config,
     so that its imports (the job's critical path) start at once. `take_prestarted` hands it to lab/launch.py;
     unused, it dies with the launcher."""
     if available() and os.environ.get("AB_NO_STANDBY") != "1":
         _EARLY.append(Zygote.start(os.environ))
+        return _EARLY[0]
+    return None
 
 
 def take_prestarted() -> Zygote | None:

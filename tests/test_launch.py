@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from conftest import FAST_ARGS, subprocess_env
 
-from lab import launch
+from lab import launch, zygote
 from lab.config import build_config
 from lab.launch import Plan, arm_env, plan, run_arms, subset_plan, visible_gpus
 
@@ -178,8 +178,10 @@ def test_an_unused_fork_server_dies_with_the_block_and_says_nothing(capfd: pytes
         raise ValueError("bad input")  # what preflight raises for a bad model name: no run, no arm needed
     assert server.proc.returncode == -signal.SIGKILL  # killed while importing, and reaped
     assert capfd.readouterr() == ("", "")  # nothing from it on the launcher's terminal
+    early = zygote.prestart()  # what `python -m lab run` does first thing, before it has read the config
     with launch.standby(cfg(placement="ray"), 2) as server:
-        assert server is None  # the cluster starts Ray's arms
+        assert server is None  # the cluster starts Ray's arms: the server started early is killed
+    assert early.proc.returncode == -signal.SIGKILL and zygote.take_prestarted() is None
 
 
 # ---- whole jobs, one per placement -------------------------------------------------------------------
