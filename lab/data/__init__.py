@@ -2,7 +2,8 @@
 
 Every arm builds `ABDataModule(cfg, preprocess)` from the same config: the same samples, in the same order,
 with the same stable integer `sample_id`s. Only the preprocessing may differ per arm (`preprocess=native`).
-``datasets``: the registry, loaders, splits and fingerprint; ``module``: the data module; ``samples``: test
+``datasets``: the registry, loaders, splits and fingerprint; ``preprocess``: an input pipeline as data;
+``module``: the data module; ``samples``: test
 samples by id (groups of clustered images, pixels for the report's gallery).
 
     from lab.data import ABDataModule, resolve_dataset
@@ -22,11 +23,12 @@ from lab.data.datasets import (
     resolve_dataset,
 )
 from lab.data.keys import library_versions, train_fingerprint, training_tags
+from lab.data.preprocess import Preprocess
 from lab.data.samples import test_groups, test_images
 
 # The data module needs torch and Lightning (seconds of imports): loaded on first use, so that the parent's
 # report (class names, the flips gallery) can read a dataset without them.
-_MODULE_NAMES = ("ABDataModule", "Preprocess", "SplitDataset")
+_MODULE_NAMES = ("ABDataModule", "SplitDataset")
 
 
 def __getattr__(name: str):

@@ -27,9 +27,21 @@ from lab.models.logged import (
     save_model_dir,
     spec_preprocess,
 )
-from lab.models.module import ArmModule, predictions_frame
 from lab.models.resolve import expected_identity, expected_preprocess, preflight, preprocess_for, resolve_model
 from lab.models.sources import CHECKPOINT_SUFFIXES, ModelError, ResolvedModel, check_timm_name, spec_kind
+
+# The LightningModule needs Lightning (~2.4 s of imports): loaded on first use, so that preflight and the reuse
+# lookup in the launcher do without it.
+_MODULE_NAMES = ("ArmModule", "predictions_frame")
+
+
+def __getattr__(name: str):
+    if name in _MODULE_NAMES:
+        from lab.models import module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'lab.models' has no attribute {name!r}")
+
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
