@@ -145,7 +145,7 @@ def test_a_server_lost_for_good_stops_the_job_and_resume_finishes_it(tmp_path: P
     wrong folder, or before the server is back, is one line (exit 2). With the server back, `resume <dir>`
     completes the children from the spool and the parent in place (FINISHED, with its report); a second `resume`
     changes nothing; a rerun would reuse both arms. `resume` runs as a command once, the other calls in-process."""
-    window_s = 20
+    window_s = 8  # short: the path is the same at any length, and the test waits it out
     server = serve(tmp_path)
     port = urlparse(server.uri).port
     try:
