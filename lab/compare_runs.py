@@ -81,9 +81,9 @@ def _job(path: Path, overrides: dict[str, Any]) -> experiment.Job:
     given = {i: child_run(client, ref) for i, ref in enumerate(refs) if RUN_ID.fullmatch(ref)}
     cfg = compare_config(path, overrides, given)
     specs = [i for i in range(len(refs)) if i not in given]
-    if specs:  # model specs: checked now, then a finished evaluation to reuse, else evaluated in the parent
-        experiment.preflight(cfg, specs)
-    reused = history.reusable_arms(cfg, specs) if specs else {}
+    probe = experiment.preflight(cfg, specs) if specs else None  # model specs: checked now, then
+    # a finished evaluation to reuse, else evaluated in the parent
+    reused = history.reusable_arms(cfg, specs, probe.expected) if probe else {}
     found = given | reused
     todo = [i for i in specs if i not in found]
     names = list(cfg.arm_names) if not cfg.arms else unique_names(
@@ -100,5 +100,6 @@ def _job(path: Path, overrides: dict[str, Any]) -> experiment.Job:
     models = [given[i].data.tags.get("ab.model") or refs[i] if i in given else refs[i] for i in range(len(refs))]
     return experiment.Job(cfg, names, runs.run_name(models),
                           {"ab.role": "parent", "ab.kind": "compare", "ab.arms": ",".join(names)},
-                          launch.plan(cfg, len(todo)) if todo else None, reused, known,
+                          launch.plan(cfg, len(todo), launch.visible_gpus(cfg, probe.cuda_devices)) if todo else None,
+                          reused, known,
                           announce=announce if todo else "", link_sources=True)

@@ -23,7 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 
-from lab import history, launch, lifecycle, lineage, registry, report, runs, spool
+from lab import history, launch, lifecycle, lineage, registry, report, runs, spool, zygote
 from lab.compare import Arm, analyse, fetch_arms, parent_metrics
 from lab.config import Config, flat_params, load_config
 from lab.launch import Plan
@@ -60,28 +60,48 @@ class Outcome:
     summary: dict[str, Any]
 
 
-def preflight(cfg: Config, indices: Sequence[int]) -> None:
+def preflight(cfg: Config, indices: Sequence[int], server: zygote.Zygote | None = None) -> Probe:
     """Everything about the arms at `indices` that can be checked before a run exists: model specs, and the
-    dataset (downloaded once, here, rather than by every arm)."""
-    from lab import data, models  # torch: only when arms are evaluated
+    dataset (downloaded once, here, rather than by every arm). What needs torch and timm (the model specs, the
+    identity and input pipeline each arm would record, the CUDA devices) runs in a process forked from the arms'
+    fork server where there is one (it has them loaded), so that this process never imports them."""
+    from lab import data
 
-    for i in indices:
-        models.preflight(cfg.arm_specs[i], cfg)
+    if server is not None:
+        with tempfile.TemporaryDirectory(prefix="ablab-probe-") as tmp:
+            cfg_path = Path(tmp) / "config.yaml"
+            cfg_path.write_text(cfg.to_yaml())
+            found = server.call("lab.models.resolve:probe", {"config_path": str(cfg_path), "indices": list(indices)},
+                                launch.job_env(server.base))
+    else:
+        found = None
+    if found is None:  # no server (compare, Ray, AB_NO_STANDBY=1, not Linux), or it died: here
+        from lab import models  # torch
+
+        found = models.probe_here(cfg, list(indices))
     data.resolve_dataset(cfg)
     data.test_groups(cfg)  # a groups CSV that misses test samples is bad input: say so before any run
+    return Probe({int(i): (identity, pre) for i, (identity, pre) in found["expected"].items()}, found["cuda_devices"])
+
+
+@dataclass(frozen=True)
+class Probe:
+    expected: dict[int, tuple[str | None, str | None]]  # arm index -> identity and preprocess it would record
+    cuda_devices: int
 
 
 def run(cfg: Config) -> Outcome:
     """`python -m lab run`: every arm evaluated here (or reused), compared in one parent run."""
-    with launch.standby(cfg, len(cfg.arm_specs)):  # the arms import torch, Lightning... while preflight runs
-        return _run(cfg)
+    with launch.standby(cfg, len(cfg.arm_specs)) as server:  # the arms' imports run while this process goes on
+        return _run(cfg, server)
 
 
-def _run(cfg: Config) -> Outcome:
+def _run(cfg: Config, server: zygote.Zygote | None = None) -> Outcome:
     n = len(cfg.arm_specs)
-    preflight(cfg, range(n))
-    p = launch.plan(cfg, n)
-    reused = history.reusable_arms(cfg)  # arm index -> finished child run that evaluated it the same way
+    probe = preflight(cfg, range(n), server)
+    p = launch.plan(cfg, n, launch.visible_gpus(cfg, probe.cuda_devices))
+    # arm index -> finished child run that evaluated it the same way
+    reused = history.reusable_arms(cfg, expected=probe.expected)
     tags = {"ab.role": "parent", "ab.placement": p.placement, "ab.device_kind": p.device,
             **({"ab.aa_test": "true"} if cfg.aa_test else {}),  # every arm the same model: an A/A test
             **({"ab.allow_pickle_models": "true"} if cfg.allow_pickle_models else {}),

@@ -76,9 +76,14 @@ def expected_key(spec: str, cfg: Config, num_classes: int, fingerprint: str) -> 
 
     preprocess = models.expected_preprocess(spec, cfg)
     identity = models.expected_identity(spec, cfg, num_classes) if preprocess is not None else None
-    if identity is None:
+    return make_key(cfg, identity, preprocess.describe() if preprocess is not None else None, fingerprint)
+
+
+def make_key(cfg: Config, identity: str | None, preprocess: str | None, fingerprint: str) -> EvalKey | None:
+    """The key of an arm that would record `identity` and `preprocess` (None where either is unknown)."""
+    if identity is None or preprocess is None:
         return None
-    return EvalKey(identity, fingerprint, preprocess.describe(), cfg.precision, recipe(cfg),
+    return EvalKey(identity, fingerprint, preprocess, cfg.precision, recipe(cfg),
                    deterministic=str(cfg.deterministic).lower())
 
 
@@ -117,8 +122,10 @@ def _same_test(tags: dict[str, str], key: EvalKey) -> bool:
             and tags.get("ab.deterministic", "false") == key.deterministic)
 
 
-def reusable_arms(cfg: Config, indices: Sequence[int] | None = None) -> dict[int, Run]:
-    """arm index -> the FINISHED child run that already evaluated it the same way (none with rerun=true)."""
+def reusable_arms(cfg: Config, indices: Sequence[int] | None = None,
+                  expected: dict[int, tuple[str | None, str | None]] | None = None) -> dict[int, Run]:
+    """arm index -> the FINISHED child run that already evaluated it the same way (none with rerun=true).
+    `expected`: each arm's identity and preprocess, told already (lab/models `probe`, without torch here)."""
     if cfg.rerun:
         return {}
     from lab.data import resolve_dataset, training_tags  # torch: only `run` and `compare` of model specs get here
@@ -127,7 +134,8 @@ def reusable_arms(cfg: Config, indices: Sequence[int] | None = None) -> dict[int
     keys = {}
     try:
         for i in indices if indices is not None else range(len(cfg.arm_specs)):
-            key = expected_key(cfg.arm_specs[i], cfg, info.num_classes, info.fingerprint)  # may ask the registry
+            key = (expected_key(cfg.arm_specs[i], cfg, info.num_classes, info.fingerprint)  # may ask the registry
+                   if expected is None else make_key(cfg, *expected.get(i, (None, None)), info.fingerprint))
             if key is not None:  # the training data, seed and libraries: a changed training image trains again
                 keys[i] = dataclasses.replace(key, training=tuple(training_tags(cfg, i, info).items()))
         found, note = lookup(client, keys)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +50,14 @@ class ArmOutcome:
     error: str
 
 
-def visible_gpus(cfg: Config) -> tuple[str, ...]:
+def visible_gpus(cfg: Config, count: int | None = None) -> tuple[str, ...]:
+    """The GPUs the arms may use, of the `count` CUDA devices visible (None: ask torch here)."""
     if cfg.devices == "cpu":
         return ()
-    import torch  # only here: the CLI's light paths (help, bad input, compare of run ids) never load torch
+    if count is None:
+        import torch  # only here: the CLI's light paths (help, bad input, compare of run ids) never load torch
 
-    count = torch.cuda.device_count()
+        count = torch.cuda.device_count()
     if cfg.devices == "auto":
         return tuple(str(i) for i in range(count))
     wanted = tuple(p.strip() for p in cfg.devices.split(","))
@@ -98,15 +100,20 @@ def arm_command(cfg_path: Path, index: int, parent_run_id: str, experiment_id: s
     return cmd + (["--lockstep", lockstep] if lockstep else []) + (["--done-file", str(done_file)] if done_file else [])
 
 
-def arm_env(p: Plan, index: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of one arm process: this one's (or `base`), without the parent's run, narrowed to its
-    GPU."""
+def job_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process the job starts: this one's (or `base`), without the parent's run, with the
+    tracking store resolved and MLflow's HTTP limits."""
     base = os.environ if base is None else base
     env = {k: v for k, v in base.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = runs.tracking_uri()
-    env["AB_PLACEMENT"] = p.placement
     lifecycle.set_http_defaults(env)  # a dead tracking server fails an arm's call in seconds, not minutes
-    env = zygote.with_project_path(env)
+    return zygote.with_project_path(env)
+
+
+def arm_env(p: Plan, index: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of one arm process: `job_env`, placed, narrowed to its GPU."""
+    env = job_env(base)
+    env["AB_PLACEMENT"] = p.placement
     if p.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = p.gpus[index] if p.placement == "parallel" else p.gpus[0]
     return env
@@ -292,12 +299,6 @@ def standby(cfg: Config, n_arms: int) -> Iterator[zygote.Zygote | None]:
             early.kill()
         yield None
         return
-    try:
-        plan(cfg, n_arms)  # bad input (devices, placement) raises here, before any arm is forked
-    except BaseException:
-        if early is not None:
-            early.kill()
-        raise
     # The arms' environment is derived from the one the server started from: importing torch and Lightning for
     # preflight adds variables of their own (KMP_INIT_AT_FORK, TORCHINDUCTOR_CACHE_DIR...) and MLflow drops one.
     _ZYGOTE[:] = [early or zygote.Zygote.start(os.environ)]

@@ -24,10 +24,12 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from lab import lifecycle
 
@@ -134,7 +136,31 @@ class Zygote:
 
     def fork(self, argv: Sequence[str], env: dict[str, str]) -> Forked | None:
         """Start one arm with `argv` and `env`; None when the server is gone (the caller starts a fresh one)."""
-        if not self._send({"argv": list(argv), "env": env}):
+        return self._fork({"argv": list(argv), "env": env}, argv)
+
+    def call(self, target: str, kwargs: dict[str, Any], env: dict[str, str]) -> Any:
+        """`module:function(**kwargs)` in a process forked from the server, which has the imports the function
+        needs; returns what it returned (JSON), raises the ValueError it raised (bad input, one line), or a
+        RuntimeError where it crashed. None where the server is gone: the caller runs it in-process."""
+        with tempfile.TemporaryDirectory(prefix="ablab-call-") as tmp:
+            out = Path(tmp) / "result.json"
+            proc = self._fork({"call": target, "kwargs": kwargs, "out": str(out), "env": env}, [target])
+            if proc is None:
+                return None
+            try:
+                code = proc.wait()
+            except BaseException:  # Ctrl-C: the caller's job ends, and this call with it
+                proc.kill()
+                raise
+            result = json.loads(out.read_text()) if out.is_file() else {"crash": f"exited with code {code}"}
+        if "error" in result:
+            raise ValueError(result["error"])
+        if "crash" in result:
+            raise RuntimeError(f"{target} failed in a forked process: {result['crash'].strip().splitlines()[-1]}")
+        return result["ok"]
+
+    def _fork(self, message: dict[str, Any], argv: Sequence[str]) -> Forked | None:
+        if not self._send(message):
             return None
         with self.changed:  # answered once the server's imports are done
             self.changed.wait_for(lambda: self._pids or self._gone)
@@ -200,6 +226,7 @@ def serve(run: Callable[[list[str]], int], report_fd: int, warm: Sequence[str] =
     children: dict[int, int] = {}  # pidfd -> pid
     pidfds: dict[int, int] = {}  # pid -> pidfd
     stdin, pending, open_ = sys.stdin.fileno(), b"", True
+    server = os.getpid()  # a child compares its parent with this, not with the parent it saw first
     while open_ or children:
         ready, _, _ = select.select(([stdin] if open_ else []) + list(children), [], [])
         for fd in ready:
@@ -222,28 +249,32 @@ def serve(run: Callable[[list[str]], int], report_fd: int, warm: Sequence[str] =
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    _child(run, message, report_fd, exec_instead)
+                    _child(run, message, report_fd, exec_instead, server)
                 pidfds[pid] = os.pidfd_open(pid)
                 children[pidfds[pid]] = pid
                 report.write(json.dumps({"pid": pid}) + "\n")
     return 0
 
 
-def _child(run: Callable[[list[str]], int], job: dict, report_fd: int, exec_instead: bool) -> None:
-    """The forked arm: detach from the server's channels, take the arm's environment, run, and never return into
-    the server's loop."""
+def _child(run: Callable[[list[str]], int], job: dict, report_fd: int, exec_instead: bool, server: int) -> None:
+    """The forked arm (or `call`): detach from the server's channels, take the job's environment, run, and never
+    return into the server's loop."""
     code = 1
     try:
-        parent = os.getppid()
         os.close(report_fd)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the server's command pipe stays the server's
         os.close(null)
         lifecycle.die_with_parent()
-        if os.getppid() != parent:  # the server died before PR_SET_PDEATHSIG took
+        if os.getppid() != server:  # the server died before PR_SET_PDEATHSIG took
             os._exit(1)
         os.environ.clear()
         os.environ.update(job["env"])
+        if "call" in job:
+            if exec_instead:
+                os.execv(sys.executable, [sys.executable, "-c", CALL_MAIN, json.dumps(job)])
+            code = run_call(job)
+            return
         argv = job["argv"]
         sys.argv = [sys.argv[0], *argv]
         if exec_instead:
@@ -255,6 +286,22 @@ def _child(run: Callable[[list[str]], int], job: dict, report_fd: int, exec_inst
         traceback.print_exc()
     finally:
         lifecycle.exit_now(code)
+
+
+CALL_MAIN = "import json, sys; from lab import zygote; sys.exit(zygote.run_call(json.loads(sys.argv[1])))"
+
+
+def run_call(job: dict) -> int:
+    """Run a `call` job; its outcome, as JSON, goes to the job's `out` file."""
+    module, name = job["call"].split(":")
+    try:
+        result = {"ok": getattr(importlib.import_module(module), name)(**job["kwargs"])}
+    except ValueError as err:  # bad input: the caller says it, one line
+        result = {"error": str(err)}
+    except Exception:
+        result = {"crash": traceback.format_exc()}
+    Path(job["out"]).write_text(json.dumps(result))
+    return 0
 
 
 def cuda_driver_loaded() -> bool:

@@ -118,6 +118,17 @@ def test_forced_exec_runs_a_fresh_arm_under_the_forked_pid(capfd: pytest.Capture
         server.kill()
 
 
+def test_a_call_returns_its_value_raises_its_bad_input_line_and_names_a_crash(server: zygote.Zygote) -> None:
+    """`call`: a function run in a forked process (the launcher's preflight needs torch and timm, loaded there)."""
+    assert server.call("json:dumps", {"obj": [1, "two"]}, server.env) == '[1, "two"]'
+    with pytest.raises(ValueError, match="Expecting property name"):  # bad input: its one line, as ValueError
+        server.call("json:loads", {"s": "{"}, server.env)
+    with pytest.raises(RuntimeError, match="os:getcwd failed in a forked process: TypeError"):
+        server.call("os:getcwd", {"nothing": 1}, server.env)
+    server.kill()
+    assert server.call("json:dumps", {"obj": 1}, server.env) is None  # gone: the caller runs it in-process
+
+
 def test_only_variables_read_after_the_imports_may_differ_from_the_servers() -> None:
     base = {"PATH": "/bin", "AB_PLACEMENT": "lockstep"}
     assert zygote.forkable(base, base | {"CUDA_VISIBLE_DEVICES": "3", "AB_PLACEMENT": "sequential"})

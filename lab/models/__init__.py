@@ -27,7 +27,14 @@ from lab.models.logged import (
     save_model_dir,
     spec_preprocess,
 )
-from lab.models.resolve import expected_identity, expected_preprocess, preflight, preprocess_for, resolve_model
+from lab.models.resolve import (
+    expected_identity,
+    expected_preprocess,
+    preflight,
+    preprocess_for,
+    probe_here,
+    resolve_model,
+)
 from lab.models.sources import CHECKPOINT_SUFFIXES, ModelError, ResolvedModel, check_timm_name, spec_kind
 
 # The LightningModule needs Lightning (~2.4 s of imports): loaded on first use, so that preflight and the reuse
@@ -57,6 +64,7 @@ __all__ = [
     "predictions_frame",
     "preflight",
     "preprocess_for",
+    "probe_here",
     "read_spec",
     "resolve_model",
     "save_model_dir",

@@ -25,6 +25,7 @@ from lab.models.sources import (
     timm_identity,
     timm_model,
 )
+from lab.runs import mlflow_error_line
 
 
 def preprocess_for(cfg: Config, native: Preprocess | None) -> Preprocess:
@@ -138,3 +139,33 @@ def expected_preprocess(spec: str, cfg: Config) -> Preprocess | None:
     # What timm.create_model attaches as `model.pretrained_cfg`, read the way the arm reads it.
     native = None if pretrained is None else native_preprocess(SimpleNamespace(pretrained_cfg=pretrained.to_dict()))
     return preprocess_for(cfg, native)
+
+
+def probe(config_path: str, indices: list[int]) -> dict:
+    """`probe_here` of the config at `config_path`: what the launcher calls in a process forked from the arms'
+    fork server (lab/zygote.py `call`), where torch and timm are loaded already, so that it imports neither."""
+    from lab.config import load_config
+
+    return probe_here(load_config(config_path), indices)
+
+
+def probe_here(cfg: Config, indices: list[int]) -> dict:
+    """What the launcher needs of the arms at `indices` before any run exists, as JSON: `preflight` of each, the
+    identity and input pipeline each would record (`expected`: arm index -> [identity, preprocess], nulls where
+    they cannot be told cheaply; none with rerun=true) and how many CUDA devices are visible (`cuda_devices`).
+    Bad input raises its one-line ValueError."""
+    import torch
+
+    for i in indices:
+        preflight(cfg.arm_specs[i], cfg)
+    num_classes = resolve_dataset(cfg).num_classes
+    expected = {}
+    for i in indices if not cfg.rerun else ():
+        spec = cfg.arm_specs[i]
+        pre = expected_preprocess(spec, cfg)
+        try:
+            identity = expected_identity(spec, cfg, num_classes) if pre is not None else None
+        except MlflowException as err:  # unreachable server, no permission: one line before any run exists
+            raise ValueError(mlflow_error_line(err, "looking for finished evaluations to reuse")) from None
+        expected[str(i)] = [identity, pre.describe() if pre is not None else None]
+    return {"expected": expected, "cuda_devices": torch.cuda.device_count() if cfg.devices != "cpu" else 0}
