@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,16 @@ def preflight(cfg: Config, indices: Sequence[int], server: zygote.Zygote | None 
     fork server where there is one (it has them loaded), so that this process never imports them."""
     from lab import data
 
+    found = None
     if server is not None:
-        with tempfile.TemporaryDirectory(prefix="ablab-probe-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ablab-probe-") as tmp, ThreadPoolExecutor(2) as pool:
             cfg_path = Path(tmp) / "config.yaml"
             cfg_path.write_text(cfg.to_yaml())
-            found = server.call("lab.models.resolve:probe", {"config_path": str(cfg_path), "indices": list(indices)},
-                                launch.job_env(server.base))
-    else:
-        found = None
+            pool.submit(launch.prepare, cfg)
+            asked = pool.submit(server.call, "lab.models.resolve:probe",
+                                {"config_path": str(cfg_path), "indices": list(indices)}, launch.job_env(server.base))
+            runs.open_store()  # meanwhile, while the server is still importing: a new store's schema
+            found = asked.result()
     if found is None:  # no server (compare, Ray, AB_NO_STANDBY=1, not Linux), or it died: here
         from lab import models  # torch
 

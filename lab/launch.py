@@ -91,6 +91,13 @@ def plan(cfg: Config, n_arms: int, gpus: tuple[str, ...] | None = None) -> Plan:
     return Plan(placement, "cuda", groups[:n_arms] if placement == "parallel" else groups[:1], 0)
 
 
+def prepare(cfg: Config) -> None:
+    """Import now what `run_arms` will need, while the launcher waits for the arms' fork server anyway: the
+    lockstep server runs on torch (~3 s of imports, else between the parent run and the arms' start)."""
+    if cfg.placement in ("auto", "lockstep") and cfg.devices_per_arm == 1:
+        import callbacks.lockstep  # noqa: F401
+
+
 def arm_command(cfg_path: Path, index: int, parent_run_id: str, experiment_id: str, p: Plan,
                 error_file: Path, lockstep: str | None, world: int, done_file: Path | None = None) -> list[str]:
     """The command line of one arm process (lab/arm.py)."""

@@ -45,6 +45,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def open_store() -> None:
+    """Open the tracking store now (a new SQLite store migrates its schema: a second or more), where something
+    else is being waited for anyway. Bad input or an unreachable server is reported where it is used, not here."""
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception:
+        pass
+
+
 def export_tracking_uri() -> str:
     """Resolve the tracking URI once, into MLFLOW_TRACKING_URI, so that this process's MLflow calls and the
     arm processes it starts (they inherit the environment) all talk to the same store."""
