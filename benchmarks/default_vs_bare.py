@@ -109,7 +109,8 @@ def timed(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
 
 
 def predictions_sha256(tracking_uri: str) -> dict[str, str]:
-    """sha256 of each child run's predictions.parquet in the store: a change meant to be faster must leave them
+    """sha256 of each child run's predictions.parquet in the store (and, after its name, the kind of process
+    that ran it: `forked` from the fork server, or `fresh`): a change meant to be faster must leave them
     byte-identical (same seed, same data order, same arithmetic)."""
     from mlflow import MlflowClient
 
@@ -119,7 +120,8 @@ def predictions_sha256(tracking_uri: str) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             path = client.download_artifacts(run.info.run_id, "predictions/predictions.parquet", tmp)
-            digests[run.data.tags["ab.model"]] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            name = f"{run.data.tags['ab.model']} ({run.data.tags.get('ab.arm_process', '?')})"
+            digests[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return digests
 
 

@@ -69,7 +69,9 @@ def preflight(cfg: Config, indices: Sequence[int], server: zygote.Zygote | None 
     from lab import data
 
     found = None
-    if server is not None:
+    # A caller that has timm loaded already (in-process, as the tests call `run`) checks here: asking the server
+    # would only wait for its imports.
+    if server is not None and "timm" not in sys.modules:
         with tempfile.TemporaryDirectory(prefix="ablab-probe-") as tmp, ThreadPoolExecutor(2) as pool:
             cfg_path = Path(tmp) / "config.yaml"
             cfg_path.write_text(cfg.to_yaml())
