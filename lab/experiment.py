@@ -78,7 +78,14 @@ def preflight(cfg: Config, indices: Sequence[int], server: zygote.Zygote | None 
             pool.submit(launch.prepare, cfg)
             asked = pool.submit(server.call, "lab.models.resolve:probe",
                                 {"config_path": str(cfg_path), "indices": list(indices)}, launch.job_env(server.base))
-            runs.open_store()  # meanwhile, while the server is still importing: a new store's schema
+            # Meanwhile, while the server is still importing: a new store's schema, and this process's copy of
+            # the dataset (the probe resolves it too, for the class count), not one after the other.
+            runs.open_store()
+            try:
+                data.resolve_dataset(cfg)
+            except Exception:
+                asked.result()  # a bad model spec is said first, as without the server
+                raise
             found = asked.result()
     if found is None:  # no server (compare, Ray, AB_NO_STANDBY=1, not Linux), or it died: here
         from lab import models  # torch

@@ -81,7 +81,6 @@ class Forked:
     def __init__(self, zygote: Zygote, pid: int, argv: Sequence[str]):
         self.zygote, self.pid, self.args = zygote, pid, ["lab.arm (forked)", *argv]
         self.returncode: int | None = None
-        self.stdin = None
 
     def poll(self) -> int | None:
         return self.returncode
