@@ -78,9 +78,14 @@ def forkable(server_env: dict[str, str], env: dict[str, str]) -> bool:
 class Forked:
     """One forked arm, as the launcher sees it: the part of `subprocess.Popen` that lab/launch.py uses."""
 
-    def __init__(self, zygote: Zygote, pid: int, argv: Sequence[str]):
-        self.zygote, self.pid, self.args = zygote, pid, ["lab.arm (forked)", *argv]
-        self.returncode: int | None = None
+    def __init__(self, zygote: Zygote, serial: int, pid: int, argv: Sequence[str]):
+        self.zygote, self.serial, self.pid, self.args = zygote, serial, pid, ["lab.arm (forked)", *argv]
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit code once the server has reported it (an arm may exit before the launcher takes its pid),
+        or -SIGKILL where the server died before it did (the arm died with it)."""
+        return self.zygote.exits.get(self.serial, -signal.SIGKILL if self.zygote.gone else None)
 
     def poll(self) -> int | None:
         return self.returncode
@@ -108,9 +113,13 @@ class Zygote:
     def __init__(self, proc: subprocess.Popen, report: int, base: dict[str, str], env: dict[str, str]):
         self.proc, self.base, self.env = proc, base, env  # the environment it was started from, and its own
         self.changed = threading.Condition()
-        self.forked: dict[int, Forked] = {}
-        self._pids: list[int] = []  # fork answers not yet taken
-        self._gone = False  # the server's report pipe ended: it exited (or was killed), and its arms with it
+        self.exits: dict[int, int] = {}  # fork serial -> exit code, as the server reports them
+        self.forked = 0  # processes it has forked for this launcher (arms and calls)
+        self._pids: list[int] = []  # fork answers, by serial (the n-th answer is the n-th fork)
+        self._serial_of: dict[int, int] = {}  # pid -> serial of the child that holds it now (pids are recycled)
+        self._forking = threading.Lock()  # one fork request in flight: answers come in order, one per request
+        self._writing = threading.Lock()  # one message on the pipe at a time (a signal may go during a fork)
+        self.gone = False  # the server's report pipe ended: it exited (or was killed), and its arms with it
         self._reader = threading.Thread(target=self._read, args=(report,), name="ablab-zygote", daemon=True)
         self._reader.start()
 
@@ -159,15 +168,18 @@ class Zygote:
         return result["ok"]
 
     def _fork(self, message: dict[str, Any], argv: Sequence[str]) -> Forked | None:
-        if not self._send(message):
-            return None
-        with self.changed:  # answered once the server's imports are done
-            self.changed.wait_for(lambda: self._pids or self._gone)
-            if not self._pids:
+        with self._forking:
+            if not self._send(message):
                 return None
-            proc = Forked(self, self._pids.pop(0), argv)
-            self.forked[proc.pid] = proc
-            return proc
+            return self._take_pid(argv)
+
+    def _take_pid(self, argv: Sequence[str]) -> Forked | None:
+        with self.changed:  # answered once the server's imports are done
+            self.changed.wait_for(lambda: len(self._pids) > self.forked or self.gone)
+            if len(self._pids) == self.forked:
+                return None
+            serial, self.forked = self.forked, self.forked + 1
+            return Forked(self, serial, self._pids[serial], argv)
 
     def signal(self, pid: int, sig: int) -> None:
         if not self._send({"signal": pid, "sig": int(sig)}):
@@ -186,8 +198,9 @@ class Zygote:
 
     def _send(self, message: dict) -> bool:
         try:
-            self.proc.stdin.write((json.dumps(message) + "\n").encode())
-            self.proc.stdin.flush()
+            with self._writing:
+                self.proc.stdin.write((json.dumps(message) + "\n").encode())
+                self.proc.stdin.flush()
             return True
         except (OSError, ValueError):  # it died, or the launcher already closed the channel
             return False
@@ -198,16 +211,14 @@ class Zygote:
                 message = json.loads(line)
                 with self.changed:
                     if "pid" in message:
+                        self._serial_of[message["pid"]] = len(self._pids)
                         self._pids.append(message["pid"])
-                    elif (proc := self.forked.get(message["exit"])) is not None:
-                        proc.returncode = message["code"]
+                    else:  # kept here: the arm may exit before the thread that forked it has taken its pid
+                        self.exits[self._serial_of.pop(message["exit"])] = message["code"]
                     self.changed.notify_all()
         self.proc.wait()
         with self.changed:
-            self._gone = True
-            for proc in self.forked.values():  # killed along with the server
-                if proc.returncode is None:
-                    proc.returncode = -signal.SIGKILL
+            self.gone = True
             self.changed.notify_all()
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,13 @@ def _gone(pid: int, timeout_s: float = 20.0) -> bool:
             return True  # a zombie: dead, its parent not yet told
         time.sleep(0.05)
     return False
+
+
+def test_arms_that_exit_at_once_keep_their_codes_when_forked_from_many_threads(server: zygote.Zygote) -> None:
+    """An arm may exit before the thread that forked it has taken its pid, and several threads may fork at once:
+    every arm still gets its own exit code (a lost one used to leave `wait` hanging)."""
+    codes = [i % 7 for i in range(48)]
+    with ThreadPoolExecutor(6) as pool:
+        arms = list(pool.map(lambda code: server.fork(["exit", str(code)], server.env), codes))
+    assert [arm.wait(timeout=30) for arm in arms] == codes
+    assert len({arm.pid for arm in arms}) == len(arms)
