@@ -144,7 +144,7 @@ def parent_run(experiment: str, run_name: str) -> Iterator[Run]:
         use_experiment(experiment)
         run = mlflow.start_run(run_name=run_name)
     mlflow.set_tags(lifecycle.owner_tags())  # `python -m lab doctor` tells a crashed job's run by these
-    lifecycle.start_heartbeat(mlflow.MlflowClient(), run.info.run_id)
+    beating = lifecycle.start_heartbeat(mlflow.MlflowClient(), run.info.run_id)
     try:
         yield run
     except KeyboardInterrupt as err:
@@ -160,6 +160,8 @@ def parent_run(experiment: str, run_name: str) -> Iterator[Run]:
                     "`python -m lab doctor --fix` once the server is back")
         _end(run.info.run_id, line, "FAILED")
         raise RunFailed(line) from err
+    finally:  # an in-process caller (a notebook, a test) goes on: no beat for a run this block has ended
+        beating.set()
     mlflow.end_run("FINISHED")
 
 
