@@ -1,7 +1,7 @@
 """How much slower is the default job (`python -m lab run`) than a bare PyTorch script doing the same work?
 
-    python benchmarks/default_vs_bare.py               # one round: bare, then the default job (minutes)
-    python benchmarks/default_vs_bare.py --rounds 3    # rounds alternate the order (bare first, then ablab first)
+    python benchmarks/default_vs_bare.py               # 3 rounds, alternating which side goes first (~4 min)
+    python benchmarks/default_vs_bare.py --rounds 1    # one round: bare, then the default job
     python benchmarks/default_vs_bare.py --bare        # the bare script alone, in this process
 
 The bare script (`bare()` below) is what a person would write by hand: the same data (scikit-learn's digits, the
@@ -10,7 +10,10 @@ seed, the same 4 epochs of AdamW with a one-cycle schedule and the same batch si
 per-sample predictions; one model after the other in one process, no MLflow, no Lightning.
 Both sides are timed as whole processes from start to exit: interpreter start and imports count, as they do for
 a person waiting for the job. ablab runs with a temporary SQLite store (and artifacts) in a temporary folder.
-Prints each round, then `default_vs_bare: bare_s=.. ablab_s=.. ratio=..` from the medians (goal: ratio <= 1.3), and
+Before the first round both sides' libraries are imported once, untimed: a cold page cache (after a reboot, or a
+big install) added 10 s to whichever side went first.
+Prints each round, then `default_vs_bare: bare_s=.. ablab_s=.. ratio=..` with the median of the rounds' own
+ratios (each round pairs the two sides minutes apart; goal: ratio <= 1.3), how many rounds met the goal, and
 `cpu_ratio`: the same for the CPU seconds of each side's processes, steadier where other jobs share the cores.
 """
 
@@ -127,13 +130,15 @@ def predictions_sha256(tracking_uri: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=1, help="bare/ablab pairs, alternating which goes first")
+    p.add_argument("--rounds", type=int, default=3, help="bare/ablab pairs, alternating which goes first")
     p.add_argument("--bare", action="store_true", help="run the bare script here and print the accuracies")
     args = p.parse_args(argv)
     if args.bare:
         print(" ".join(f"{name}={acc:.4f}" for name, acc in bare().items()))
         return 0
     rows: list[dict[str, tuple[float, float]]] = []
+    warm = "import torch, torchvision, timm, lightning, mlflow, sklearn.datasets, pyarrow.parquet"
+    subprocess.run([sys.executable, "-c", warm], check=True)  # the page cache, for both sides alike
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="ablab-default-vs-bare-") as tmp:
             env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
@@ -151,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
               f"first: {order[0]})", flush=True)
         print("  predictions sha256: " + ", ".join(f"{m} {d[:16]}" for m, d in sorted(digests.items())), flush=True)
     # On a busy machine the CPU seconds are the steadier figure; the goal is about the wall time a person waits.
+    # Each round's ratio pairs the two sides as close in time as they can be; the medians of each side's times
+    # (printed too) may pair a fast minute of one with a slow minute of the other.
+    ratios = [r["ablab"][0] / r["bare"][0] for r in rows]
+    cpu_ratio = statistics.median(r["ablab"][1] / r["bare"][1] for r in rows)
     bare_s, ablab_s = (statistics.median(r[side][0] for r in rows) for side in ("bare", "ablab"))
-    bare_cpu, ablab_cpu = (statistics.median(r[side][1] for r in rows) for side in ("bare", "ablab"))
-    print(f"default_vs_bare: bare_s={bare_s:.1f} ablab_s={ablab_s:.1f} ratio={ablab_s / bare_s:.3f} "
-          f"cpu_ratio={ablab_cpu / bare_cpu:.3f} (goal: ratio <= {GOAL})")
+    met = sum(ratio <= GOAL for ratio in ratios)
+    print(f"default_vs_bare: bare_s={bare_s:.1f} ablab_s={ablab_s:.1f} ratio={statistics.median(ratios):.3f} "
+          f"(rounds {min(ratios):.3f}-{max(ratios):.3f}, {met} of {len(ratios)} <= {GOAL}) "
+          f"cpu_ratio={cpu_ratio:.3f} (goal: ratio <= {GOAL})")
     return 0
 
 

@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from callbacks.gpu_telemetry import GPUTelemetry
 from callbacks.lockstep import Lockstep
-from lab import correctness, ddp, lifecycle, lineage, runs, spool, zygote
+from lab import correctness, ddp, lifecycle, lineage, outage, runs, spool, zygote
 from lab.config import Config, flat_params, load_config
 from lab.data import ABDataModule, DatasetInfo, Preprocess, resolve_dataset, train_fingerprint, training_tags
 from lab.models import ArmModule, ResolvedModel, model_spec, preprocess_for, resolve_model, save_model_dir
@@ -318,12 +318,12 @@ def main(argv: list[str] | None = None, started: str = "fresh") -> int:
     lifecycle.raise_on_signals()  # the launcher stops arms with SIGTERM: end the run KILLED, "interrupted"
     lifecycle.quiet_interrupts()
     try:  # a lost server is waited for (outage_window_s)
-        run_id = lifecycle.patient(MlflowClient(), cfg.outage_window_s).call(create_child_run, cfg, ctx)
-    except lifecycle.ServerLost as err:  # no run: the launcher says so, once
+        run_id = outage.patient(MlflowClient(), cfg.outage_window_s).call(create_child_run, cfg, ctx)
+    except outage.ServerLost as err:  # no run: the launcher says so, once
         return _server_lost(cfg, ctx, spool.ArmSpool.for_arm(cfg, ctx.parent_run_id, ctx.index, ""), err,
                             args.error_file)
     except Exception as err:  # no run to end: one line for the launcher
-        reason = lifecycle.unreachable_line(time.time()) if lifecycle.unreachable(err) else runs.one_line(err)
+        reason = outage.unreachable_line(time.time()) if outage.unreachable(err) else runs.one_line(err)
         message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {reason}"
         if args.error_file:
             Path(args.error_file).write_text(message)
@@ -350,11 +350,11 @@ def main(argv: list[str] | None = None, started: str = "fresh") -> int:
         # Interrupted, what follows (a broken lockstep connection, a broken pipe) is noise: say "interrupted".
         interrupted = isinstance(err, KeyboardInterrupt) or lifecycle.received_signal() is not None
         rank_line = ranks.abort(interrupted) if ranks else None  # a failed rank says why; rank 0 may see a socket close
-        if isinstance(err, lifecycle.ServerLost) and not interrupted:
+        if isinstance(err, outage.ServerLost) and not interrupted:
             return _server_lost(cfg, ctx, box, err, args.error_file)
         box.remove()  # the run ends here, with the reason: nothing to resume
         reason = "interrupted" if interrupted else rank_line or (
-            lifecycle.unreachable_line(time.time()) if lifecycle.unreachable(err) else runs.one_line(err))
+            outage.unreachable_line(time.time()) if outage.unreachable(err) else runs.one_line(err))
         message = f"arm {cfg.arm_names[ctx.index]} ({cfg.arm_specs[ctx.index]}): {reason}"
         if args.error_file:
             Path(args.error_file).write_text(message)
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None, started: str = "fresh") -> int:
     return 0
 
 
-def _server_lost(cfg: Config, ctx: ArmContext, box: spool.ArmSpool, err: lifecycle.ServerLost,
+def _server_lost(cfg: Config, ctx: ArmContext, box: spool.ArmSpool, err: outage.ServerLost,
                  error_file: str | None) -> int:
     """The server stayed away past outage_window_s: the results wait in the spool and the run stays RUNNING
     (`python -m lab resume` finishes it); no line here, the launcher prints one for the job."""

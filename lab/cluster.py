@@ -40,7 +40,7 @@ CONFIG_SLOT, ERROR_SLOT = "{ablab-config}", "{ablab-error}"
 EXCLUDES = [".venv/", "venv/", ".git/", "mlruns/", "mlartifacts/", "*.db", "test-outputs/", "outputs/", ".cache/",
             "__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/", ".import_linter_cache/"]
 # Variables the arm process needs from the driver (credentials, retries); the rest is the worker's own.
-FORWARDED = ("MLFLOW_", "HF_HUB_OFFLINE", "AB_DEBUG", "OMP_NUM_THREADS")
+FORWARDED = ("MLFLOW_", "HF_HUB_OFFLINE", "AB_DEBUG", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 EXTRA_ENV = "AB_RAY_RUNTIME_ENV"  # JSON merged into the runtime env, e.g. {"pip": ["timm==1.0.15"]} or {"uv": [...]}
 LOST = 1  # return code given to an arm whose worker or node died: it has no exit code
 
@@ -152,6 +152,7 @@ def driver_env() -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = runs.tracking_uri()
     env["AB_PLACEMENT"] = "ray"
     lifecycle.set_http_defaults(env)
+    lifecycle.set_openmp_defaults(env)  # the arm's process imports torch after this: the worker's default spins
     return env
 
 

@@ -24,7 +24,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 
-from lab import history, launch, lifecycle, lineage, registry, report, runs, spool, zygote
+from lab import history, launch, lifecycle, lineage, outage, registry, report, runs, spool, zygote
 from lab.compare import Arm, analyse, fetch_arms, parent_metrics
 from lab.config import Config, flat_params, load_config
 from lab.launch import Plan
@@ -130,7 +130,7 @@ def _run(cfg: Config, server: zygote.Zygote | None = None) -> Outcome:
 def conduct(job: Job) -> Outcome:
     """The parent run: config, the arms, the comparison (metrics, tags, report), promotion; never left RUNNING."""
     cfg = job.cfg
-    client = lifecycle.patient(MlflowClient(), cfg.outage_window_s)  # a lost server is waited for, then spooled
+    client = outage.patient(MlflowClient(), cfg.outage_window_s)  # a lost server is waited for, then spooled
     with runs.parent_run(cfg.experiment, job.run_name) as run, spool.for_job(client, cfg, run, job.names,
                                                                             job.run_name):
         run_id = run.info.run_id

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from lab import lifecycle, runs, zygote
+from lab import lifecycle, outage, runs, zygote
 from lab.config import Config
 
 
@@ -207,7 +207,7 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
             if server is not None:
                 server.close()
             if lifecycle.EXIT_SERVER_LOST in codes.values():  # an arm waited out the window: calls fail at once now
-                lifecycle.mark_unreachable(time.time(), note=False)
+                outage.mark_unreachable(time.time(), note=False)
             settle_children(experiment_id, parent_run_id, procs, interrupted=not done)
         messages = {i: errors[i].read_text().strip() if errors[i].exists() else "" for i in indices}
     by_index = runs.children_of(MlflowClient(), experiment_id, parent_run_id)

@@ -1,18 +1,16 @@
 """Run statuses that tell the truth: who owns a run (host, pid, heartbeat), when a child may be called FINISHED
 (predictions verified, then the completion tag, then the status), signals turned into Ctrl-C, arms that died by a
-signal, stale runs, bounded MLflow HTTP retries, and outages of the tracking server waited out for a window.
+signal, stale runs, bounded MLflow HTTP retries (outages of the tracking server: lab/outage.py).
 
     lifecycle.raise_on_signals()                     # SIGTERM/SIGHUP take the KeyboardInterrupt path
     client.create_run(..., tags={..., **lifecycle.owner_tags()})
     lifecycle.verify_predictions(client, run_id); lifecycle.complete(client, run_id)
-    client = lifecycle.patient(MlflowClient(), cfg.outage_window_s)   # calls wait for a lost server, then ServerLost
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
-import functools
 import gc
 import logging
 import os
@@ -38,14 +36,26 @@ MAX_ERROR = 5000
 # fails; these fail one call within about 15 s on a refused connection and 4 x 20 s + 15 s on a silent one.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-# Once a call found the server gone, every later call fails at once and `Patient` does the waiting, with its own
-# backoff, so that nothing waits past outage_window_s by more than one call (at most this timeout).
-FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 EXIT_SERVER_LOST = 75  # an arm gave up on the tracking server after outage_window_s; its results are spooled
 PAUSE_ENV, MARKER_ENV = "AB_TEST_PAUSE_IN", "AB_TEST_PAUSE_MARKER"  # tests: an arm waits in `fit` or `test`
 
 _received: list[int] = []
-_outage: dict[str, Any] = {"since": None, "saved": {}}  # this process's view of the tracking server
+
+
+# OpenMP threads that wait spin for a short while only (GNU OpenMP, which torch's Linux wheels use; read when torch
+# loads it). By default a thread that finishes its share spins ~300,000 times before it sleeps: with two arms
+# taking turns, or one other busy process on the machine, the spinners hold the cores the working threads need,
+# and every one of the thousands of parallel regions per batch waits out a time slice. Measured on 2 cores with
+# one busy process beside the default job: over 300 s by default (stopped there), 61 s with 1,000 spins (the bare
+# script beside the same process: 81 s); on a quiet machine, 34-40 s either way. The user's own setting wins.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
+
+
+def set_openmp_defaults(env: dict[str, str]) -> None:
+    """`OPENMP_ENV` in the environment of a process that will import torch, unless the user chose a wait policy or
+    a spin count."""
+    if not {"OMP_WAIT_POLICY", *OPENMP_ENV} & env.keys():
+        env |= OPENMP_ENV
 
 
 def set_http_defaults(env: dict[str, str] | os._Environ = os.environ) -> None:
@@ -114,104 +124,6 @@ def end_outer_run(message: str) -> None:
         from mlflow import MlflowClient
 
         end_run(MlflowClient(), run_id, message, "FAILED")
-
-
-def unreachable(err: BaseException) -> bool:
-    """Whether `err` says the tracking server could not be reached (rather than that it refused a request)."""
-    if isinstance(err, ServerLost):
-        return True
-    text = f"{type(err).__name__}: {err}"
-    return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError",
-                                   "Failed to establish a new connection", "Read timed out", "RemoteDisconnected"))
-
-
-def unreachable_line(since: float) -> str:
-    return f"tracking server unreachable since {time.strftime('%H:%M:%S', time.localtime(since))}"
-
-
-class ServerLost(ConnectionError):
-    """The tracking server stayed unreachable for longer than outage_window_s."""
-
-    def __init__(self, since: float, window_s: float) -> None:
-        super().__init__(f"{unreachable_line(since)}, longer than outage_window_s={window_s:g} s")
-        self.since, self.window_s = since, window_s
-
-
-def outage_since() -> float | None:
-    """When this process found the tracking server gone (None: it answers)."""
-    return _outage["since"]
-
-
-def mark_unreachable(since: float, note: bool = True) -> float:
-    """The server is gone (since `since`, unless known earlier): from now on MLflow calls of this process fail at
-    once instead of retrying for about 15 s each (FAIL_FAST_ENV). With `note`, one line says so on stderr (else a
-    job that waits for its server looks hung). Returns when the outage began."""
-    if _outage["since"] is None:
-        _outage["since"], _outage["noted"] = since, note
-        if note:
-            print(f"ablab: note: {unreachable_line(since)}; results are kept locally and uploaded when it is back",
-                  file=sys.stderr, flush=True)
-        _outage["saved"] = {k: os.environ.get(k) for k in FAIL_FAST_ENV}
-        os.environ.update(FAIL_FAST_ENV)
-    return _outage["since"]
-
-
-def mark_reachable() -> None:
-    """The server answered: MLflow's HTTP retries as they were before the outage."""
-    if _outage["since"] is None:
-        return
-    if _outage.get("noted"):
-        print(f"ablab: note: tracking server back after {time.time() - _outage['since']:.0f} s", file=sys.stderr,
-              flush=True)
-    for key, value in _outage["saved"].items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    _outage["since"] = None
-
-
-class Patient:
-    """An MlflowClient whose calls wait out a lost tracking server: on a connection error the call is tried again
-    with backoff (1, 2, 4 ... 10 s) until `window_s` have passed since the outage began, then `ServerLost` is
-    raised. Other errors pass at once."""
-
-    def __init__(self, client, window_s: float) -> None:
-        self._client, self.window_s = client, window_s
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def waiting(*args: Any, **kwargs: Any) -> Any:
-            return self.call(attr, *args, **kwargs)
-
-        return waiting
-
-    def call(self, fn, *args: Any, **kwargs: Any) -> Any:
-        delay = 1.0
-        while True:
-            started = time.time()
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as err:
-                if isinstance(err, ServerLost) or not unreachable(err):
-                    raise
-                since = mark_unreachable(started)
-                left = since + self.window_s - time.time()
-                if left <= 0:
-                    raise ServerLost(since, self.window_s) from None
-                time.sleep(min(delay, left))
-                delay = min(2 * delay, 10.0)
-                continue
-            mark_reachable()
-            return result
-
-
-def patient(client, window_s: float) -> Patient:
-    return client if isinstance(client, Patient) else Patient(client, window_s)
 
 
 def end_run(client, run_id: str, message: str, status: str) -> bool:

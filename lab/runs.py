@@ -23,7 +23,7 @@ import mlflow
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
-from lab import lifecycle
+from lab import lifecycle, outage
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded store, in the working directory
 DEFAULT_EXPERIMENT = "ablab"
@@ -155,8 +155,8 @@ def parent_run(experiment: str, run_name: str) -> Iterator[Run]:
         raise
     except Exception as err:
         line = one_line(err)
-        if lifecycle.unreachable(err):
-            line = (f"{lifecycle.unreachable_line(time.time())}; runs it could not end stay RUNNING until "
+        if outage.unreachable(err):
+            line = (f"{outage.unreachable_line(time.time())}; runs it could not end stay RUNNING until "
                     "`python -m lab doctor --fix` once the server is back")
         _end(run.info.run_id, line, "FAILED")
         raise RunFailed(line) from err

@@ -2,7 +2,7 @@
 `resume`, never an evaluation.
 
 An arm writes its predictions, metrics and telemetry to its spool folder first, then uploads them; while the
-server is away its calls wait (up to `outage_window_s`, lifecycle.Patient) and what its logger sends is kept
+server is away its calls wait (up to `outage_window_s`, outage.Patient) and what its logger sends is kept
 here. Past the window the job stops with one line naming the job's folder, and `python -m lab resume <dir>`
 (experiment.resume) uploads what is kept, completes the children and finishes the parent.
 
@@ -28,7 +28,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
-from lab import lifecycle, runs
+from lab import lifecycle, outage, runs
 from lab.config import Config
 
 PARENT, MANIFEST, FILES = "parent.json", "spool.json", "files"
@@ -147,11 +147,11 @@ def temporary(run_id: str) -> Iterator[ArmSpool]:
 class HoldingClient:
     """An arm's MlflowClient (and its logger's): while the tracking server is away, `log_batch` and `log_artifact`
     for the arm's run are kept in its spool and uploaded with the results, so that the test loop goes on; every
-    other call waits for the server (lifecycle.Patient)."""
+    other call waits for the server (outage.Patient)."""
 
     def __init__(self, box: ArmSpool, window_s: float) -> None:
         self.box, self._raw = box, MlflowClient()
-        self.waiting = lifecycle.patient(self._raw, window_s)
+        self.waiting = outage.patient(self._raw, window_s)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.waiting, name)
@@ -161,15 +161,15 @@ class HoldingClient:
         if run_id != self.box.run_id:
             self.waiting.call(call, run_id, *args, **kwargs)
             return True
-        if lifecycle.outage_since() is None:
+        if outage.outage_since() is None:
             started = time.time()
             try:
                 call(run_id, *args, **kwargs)
                 return True
             except Exception as err:
-                if not lifecycle.unreachable(err):
+                if not outage.unreachable(err):
                     raise
-                lifecycle.mark_unreachable(started)
+                outage.mark_unreachable(started)
         return False
 
     def log_batch(self, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
@@ -187,7 +187,7 @@ class JobSpooled(runs.RunFailed):
 
 
 def spooled_line(folder: Path, since: float, window_s: float) -> str:
-    return (f"{lifecycle.unreachable_line(since)}, longer than outage_window_s={window_s:g} s; results kept in "
+    return (f"{outage.unreachable_line(since)}, longer than outage_window_s={window_s:g} s; results kept in "
             f"{folder}; once the server is back: python -m lab resume {folder}")
 
 
@@ -201,10 +201,10 @@ def lost_since(folder: Path, err: BaseException) -> float | None:
     if isinstance(err, KeyboardInterrupt) or (isinstance(err, runs.RunFailed) and err.interrupted):
         return None
     times = [box.manifest["lost_since"] for box in arm_spools(folder) if box.manifest.get("lost_since")]
-    if isinstance(err, lifecycle.ServerLost):
+    if isinstance(err, outage.ServerLost):
         times.append(err.since)
-    elif lifecycle.unreachable(err) or isinstance(err.__cause__, lifecycle.ServerLost):
-        times.append(lifecycle.outage_since() or time.time())
+    elif outage.unreachable(err) or isinstance(err.__cause__, outage.ServerLost):
+        times.append(outage.outage_since() or time.time())
     return min(times) if times else None
 
 
@@ -229,7 +229,7 @@ def for_job(client, cfg: Config, run: Run, names: Sequence[str], run_name: str) 
             if not resuming:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        lifecycle.mark_unreachable(since, note=False)  # ending the parent is tried once, at once
+        outage.mark_unreachable(since, note=False)  # ending the parent is tried once, at once
         raise JobSpooled(spooled_line(folder, since, cfg.outage_window_s)) from err
     if not resuming:
         shutil.rmtree(folder, ignore_errors=True)
@@ -289,7 +289,7 @@ def settle_arms(client, folder: Path, job: dict[str, Any]) -> tuple[dict[int, st
                 client.delete_tag(run_id, "ab.error")
             lifecycle.complete(client, run_id)
         except Exception as err:
-            if lifecycle.unreachable(err):
+            if outage.unreachable(err):
                 raise
             lifecycle.end_run(client, run_id, f"resume: {runs.one_line(err)}", "FAILED")
             problems.append(f"arm {name}: {runs.one_line(err)}")

@@ -47,8 +47,11 @@ def available() -> bool:
 
 
 def with_project_path(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with the project first on PYTHONPATH: `python -m lab.arm` imports from it, wherever it runs."""
-    return dict(env) | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))}
+    """`env` for an arm process (or the fork server): the project first on PYTHONPATH (`python -m lab.arm` imports
+    from it, wherever it runs), and short OpenMP spins (`lifecycle.OPENMP_ENV`)."""
+    env = dict(env) | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))}
+    lifecycle.set_openmp_defaults(env)
+    return env
 
 
 _EARLY: list[Zygote] = []

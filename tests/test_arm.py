@@ -242,6 +242,11 @@ def test_a_fine_tuned_arm_logs_its_splits_and_a_pt2_model_that_reloads_with_its_
     assert linked["test_accuracy"].dataset_digest == digest(info.fingerprint)
     assert {"latency_ms_p50", "throughput_img_per_s", "cpu_rss_peak_mb"} <= set(linked)
 
+    # Its signature: a batch of images in, one logit per class out (what MLflow would infer, without its slow path).
+    signature = mlflow.models.get_model_info(f"models:/{model.model_id}").signature.to_dict()
+    assert '"shape": [-1, 3, 8, 8]' in signature["inputs"] and f'"shape": [-1, {N_CLASSES}]' in signature["outputs"]
+    assert '"dtype": "float32"' in signature["outputs"]
+
     reloaded = resolve_model(f"runs:/{run_id}/model", config(preprocess="native"), N_CLASSES)
     assert reloaded.native == preprocess_for(cfg, None) and reloaded.identity.startswith("sha256:")
     x = torch.randn(3, 3, 8, 8)

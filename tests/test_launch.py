@@ -83,6 +83,22 @@ def test_arm_env_narrows_gpus_and_drops_the_parents_run(monkeypatch: pytest.Monk
     assert "CUDA_VISIBLE_DEVICES" not in arm_env(Plan("lockstep", "cpu", (), 2), 0)
 
 
+def test_arms_and_their_fork_server_spin_openmp_briefly_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GNU OpenMP's default spinning made the default job take minutes beside one busy process (lab/lifecycle.py):
+    arms get a short spin count, the fork server the same (else no arm could be forked from it), and a wait policy
+    or spin count of the user's own is kept."""
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    plan = Plan("lockstep", "cpu", (), 2)
+    server_env = zygote.with_project_path(dict(os.environ))
+    assert arm_env(plan, 0)["GOMP_SPINCOUNT"] == server_env["GOMP_SPINCOUNT"] == "1000"
+    assert zygote.forkable(server_env, arm_env(plan, 0, os.environ))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "GOMP_SPINCOUNT" not in arm_env(plan, 0) and arm_env(plan, 0)["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "50000")
+    assert arm_env(plan, 0)["GOMP_SPINCOUNT"] == "50000"
+
+
 def test_a_subset_of_arms_runs_one_after_the_other_on_the_first_device() -> None:
     assert subset_plan(Plan("parallel", "cuda", ("2", "5"), 0)) == Plan("sequential", "cuda", ("2",), 0)
     assert subset_plan(Plan("lockstep", "cpu", (), 1)) == Plan("sequential", "cpu", (), CORES)

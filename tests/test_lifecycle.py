@@ -23,7 +23,7 @@ from history_fakes import correct_mask, log_child, predictions
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from lab import cli, history, lifecycle
+from lab import cli, history, lifecycle, outage
 
 
 def fake_run(status: str = "RUNNING", **tags: str) -> SimpleNamespace:
@@ -205,9 +205,9 @@ def test_bad_input_under_mlflow_run_fails_its_run_with_the_line(tracking: str, m
 
 
 def test_unreachable_names_connection_errors_only() -> None:
-    assert lifecycle.unreachable(ConnectionError("Max retries exceeded with url: /api (Connection refused)"))
-    assert not lifecycle.unreachable(ValueError("epochs: must be >= 0"))
-    assert lifecycle.unreachable_line(0).startswith("tracking server unreachable since ")
+    assert outage.unreachable(ConnectionError("Max retries exceeded with url: /api (Connection refused)"))
+    assert not outage.unreachable(ValueError("epochs: must be >= 0"))
+    assert outage.unreachable_line(0).startswith("tracking server unreachable since ")
 
 
 def closed_port_uri() -> str:
@@ -220,18 +220,18 @@ def test_a_lost_server_is_waited_for_within_the_window_then_server_lost(monkeypa
     """Against a port where nothing listens: the call is retried until the window has passed, then ServerLost;
     meanwhile MLflow's own retries are off (fail fast) and restored once a call succeeds."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    client = lifecycle.patient(MlflowClient(closed_port_uri()), window_s=2.0)
+    client = outage.patient(MlflowClient(closed_port_uri()), window_s=2.0)
     started = time.monotonic()
     try:
-        with pytest.raises(lifecycle.ServerLost, match="longer than outage_window_s=2 s") as lost:
+        with pytest.raises(outage.ServerLost, match="longer than outage_window_s=2 s") as lost:
             client.get_run("0" * 32)
         assert 2.0 <= time.monotonic() - started < 15
-        assert lifecycle.unreachable(lost.value) and lifecycle.outage_since() == lost.value.since
+        assert outage.unreachable(lost.value) and outage.outage_since() == lost.value.since
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
         assert capsys.readouterr().err.count("ablab: note: tracking server unreachable since") == 1
     finally:
-        lifecycle.mark_reachable()
-    assert lifecycle.outage_since() is None and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        outage.mark_reachable()
+    assert outage.outage_since() is None and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
 
 
 def test_a_patient_call_goes_on_when_the_server_answers_and_passes_other_errors_at_once(tracking: str) -> None:
@@ -243,9 +243,9 @@ def test_a_patient_call_goes_on_when_the_server_answers_and_passes_other_errors_
             raise ConnectionError("Max retries exceeded with url: /api (Connection refused)")
         return "ok"
 
-    client = lifecycle.patient(MlflowClient(), window_s=30)
+    client = outage.patient(MlflowClient(), window_s=30)
     assert client.call(flaky) == "ok" and len(tries) == 3
-    assert lifecycle.outage_since() is None
+    assert outage.outage_since() is None
     started = time.monotonic()
     with pytest.raises(MlflowException):
         client.get_run("0" * 32)  # the server answered: no waiting

@@ -24,7 +24,7 @@ from conftest import FAST_ARGS
 from mlflow import MlflowClient
 from mlflow_servers import Server, start_server
 
-from lab import cli, history, lifecycle, spool
+from lab import cli, history, lifecycle, outage, spool
 from lab.config import load_config
 
 ARGS = [*FAST_ARGS, "--fake_samples", "64"]  # later options win
@@ -211,12 +211,12 @@ def test_the_holding_client_keeps_what_the_arm_logs_while_the_server_is_away_and
     holding = spool.HoldingClient(box, window_s=5)
     table = tmp_path / "batches.parquet"
     table.write_bytes(b"not really parquet")
-    lifecycle.mark_unreachable(time.time(), note=False)
+    outage.mark_unreachable(time.time(), note=False)
     try:
         holding.log_batch(run_id, metrics=[Metric("latency_ms_p50", 1.5, 0, 0)], tags=[RunTag("ab.x", "1")])
         holding.log_artifact(run_id, str(table), "telemetry")
     finally:
-        lifecycle.mark_reachable()
+        outage.mark_reachable()
     assert client.get_run(run_id).data.metrics == {} and (box.files / "telemetry" / table.name).is_file()
     box.results_written()
     box.upload(holding)
