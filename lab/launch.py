@@ -212,8 +212,17 @@ def run_arms(cfg: Config, cfg_path: Path, parent_run_id: str, experiment_id: str
         messages = {i: errors[i].read_text().strip() if errors[i].exists() else "" for i in indices}
     by_index = runs.children_of(MlflowClient(), experiment_id, parent_run_id)
     return [ArmOutcome(i, names[i], by_index.get(i), codes[i],
-                       messages[i] or exit_line(names[i], codes[i]))
+                       messages[i] or exit_line(names[i], codes[i]) + server_death(procs[i], codes[i]))
             for i in indices]
+
+
+def server_death(proc, code: int) -> str:
+    """Why a forked arm was killed, where its fork server died first (the arms die with it)."""
+    server = getattr(proc, "zygote", None)
+    if code >= 0 or server is None or not server.gone or server.proc.returncode in (None, 0):
+        return ""
+    how = server.proc.returncode
+    return f" (its fork server, pid {server.proc.pid}, {'killed by signal ' + str(-how) if how < 0 else 'exited'})"
 
 
 def exit_line(name: str, code: int) -> str:

@@ -166,3 +166,13 @@ def test_arms_that_exit_at_once_keep_their_codes_when_forked_from_many_threads(s
         arms = list(pool.map(lambda code: server.fork(["exit", str(code)], server.env), codes))
     assert [arm.wait(timeout=30) for arm in arms] == codes
     assert len({arm.pid for arm in arms}) == len(arms)
+
+
+def test_an_arm_killed_with_its_server_says_so(server: zygote.Zygote) -> None:
+    from lab import launch
+
+    arm = server.fork(["sleep", "60"], server.env)
+    server.proc.kill()  # the server alone, as a user or the OOM killer would
+    assert arm.wait(timeout=30) == -signal.SIGKILL
+    line = launch.exit_line("b", arm.returncode) + launch.server_death(arm, arm.returncode)
+    assert line == f"arm b killed by signal 9 (its fork server, pid {server.proc.pid}, killed by signal 9)"
