@@ -81,8 +81,8 @@ def _job(path: Path, overrides: dict[str, Any]) -> experiment.Job:
     given = {i: child_run(client, ref) for i, ref in enumerate(refs) if RUN_ID.fullmatch(ref)}
     cfg = compare_config(path, overrides, given)
     specs = [i for i in range(len(refs)) if i not in given]
-    probe = experiment.preflight(cfg, specs) if specs else None  # model specs: checked now, then
-    # a finished evaluation to reuse, else evaluated in the parent
+    # Model specs: checked now, then a finished evaluation to reuse, else evaluated in the parent.
+    probe = experiment.preflight(cfg, specs) if specs else None
     reused = history.reusable_arms(cfg, specs, probe.expected) if probe else {}
     found = given | reused
     todo = [i for i in specs if i not in found]

@@ -90,8 +90,7 @@ def preflight(cfg: Config, indices: Sequence[int], server: zygote.Zygote | None 
     if found is None:  # no server (compare, Ray, AB_NO_STANDBY=1, not Linux), or it died: here
         from lab import models  # torch
 
-        found = models.probe_here(cfg, list(indices))
-    data.resolve_dataset(cfg)
+        found = models.probe_here(cfg, list(indices))  # resolves the dataset here too
     data.test_groups(cfg)  # a groups CSV that misses test samples is bad input: say so before any run
     return Probe({int(i): (identity, pre) for i, (identity, pre) in found["expected"].items()}, found["cuda_devices"])
 

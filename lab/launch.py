@@ -114,7 +114,7 @@ def job_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = runs.tracking_uri()
     lifecycle.set_http_defaults(env)  # a dead tracking server fails an arm's call in seconds, not minutes
-    return zygote.with_project_path(env)
+    return zygote.process_env(env)
 
 
 def arm_env(p: Plan, index: int, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -46,7 +46,7 @@ def available() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 
-def with_project_path(env: Mapping[str, str]) -> dict[str, str]:
+def process_env(env: Mapping[str, str]) -> dict[str, str]:
     """`env` for an arm process (or the fork server): the project first on PYTHONPATH (`python -m lab.arm` imports
     from it, wherever it runs), and short OpenMP spins (`lifecycle.OPENMP_ENV`)."""
     env = dict(env) | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))}
@@ -132,7 +132,7 @@ class Zygote:
         it imports while the launcher goes on. Its own session: a Ctrl-C at the terminal reaches only the
         launcher, which stops the arms itself."""
         base = dict(base)  # a copy: importing torch and Lightning later adds variables to the launcher's own
-        env = with_project_path(base)
+        env = process_env(base)
         read, write = os.pipe()
         try:
             proc = subprocess.Popen([sys.executable, *command, "--report-fd", str(write)], env=env,

@@ -90,7 +90,7 @@ def test_arms_and_their_fork_server_spin_openmp_briefly_unless_the_user_chose(mo
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     plan = Plan("lockstep", "cpu", (), 2)
-    server_env = zygote.with_project_path(dict(os.environ))
+    server_env = zygote.process_env(dict(os.environ))
     assert arm_env(plan, 0)["GOMP_SPINCOUNT"] == server_env["GOMP_SPINCOUNT"] == "1000"
     assert zygote.forkable(server_env, arm_env(plan, 0, os.environ))
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
